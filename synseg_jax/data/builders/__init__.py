@@ -1,0 +1,1 @@
+"""TFDS builders for the datasets the project trains and evaluates on."""

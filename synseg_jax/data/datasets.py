@@ -1,0 +1,115 @@
+"""Opens a dataset split for this process: the one place that knows datasets by name.
+
+Each dataset is a TFDS dataset in a data dir. `open_split` returns this process's share of a split
+as a tf.data.Dataset of `{"image": uint8 [H,W,3], "label": uint8 [H,W] raw ids}` together with the
+lookup table that maps those raw ids to trainIds, which the pipeline applies. minicity is rendered
+into the data dir on first use; the real datasets are prepared by `synseg_jax.prepare`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from synseg_jax.data import labels
+from synseg_jax.data.builders import minicity as minicity_builders
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+    splits: tuple[str, ...]
+    label_table: str  # key of labels.LABEL_TABLES
+    task: str = "segmentation"  # or "classification" (label is one trainId per image)
+
+
+DATASETS: dict[str, DatasetSpec] = {
+    "minicity": DatasetSpec(
+        splits=("sim", "sim_topdown", "real_train", "real_val", "objects"),
+        label_table="train_id"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitData:
+    """This process's share of one split."""
+
+    dataset: tf.data.Dataset
+    num_examples: int  # in this process's share
+    total_examples: int  # in the whole split, over all processes
+    label_table: np.ndarray
+    task: str
+    description: str  # "minicity/real_val in /path", for error messages
+
+
+def spec(name: str) -> DatasetSpec:
+    try:
+        return DATASETS[name]
+    except KeyError:
+        raise ValueError(f"Unknown dataset {name!r}; valid datasets: {sorted(DATASETS)}") from None
+
+
+def check_split(name: str, split: str) -> None:
+    if split not in spec(name).splits:
+        raise ValueError(
+            f"Dataset {name!r} has no split {split!r}; valid splits: {list(spec(name).splits)}")
+
+
+def default_data_dir() -> str:
+    return os.environ.get("SYNSEG_DATA_DIR") or os.path.expanduser("~/tensorflow_datasets")
+
+
+def minicity_builder(split: str, data_dir: str, options: minicity_builders.MinicityOptions):
+    cls = minicity_builders.MinicityObjects if split == "objects" else minicity_builders.Minicity
+    return cls(options=options, data_dir=data_dir)
+
+
+def _builder(name: str, split: str, data_dir: str, minicity_options):
+    if name == "minicity":
+        builder = minicity_builder(split, data_dir, minicity_options or
+                                   minicity_builders.MinicityOptions())
+        if not builder.is_prepared():
+            logging.info("Rendering minicity %s into %s (one time)", builder.info.full_name, data_dir)
+            builder.download_and_prepare()
+        return builder
+    raise ValueError(f"Unknown dataset {name!r}; valid datasets: {sorted(DATASETS)}")
+
+
+def _decode(task: str):
+    def decode(example):
+        out = {"image": example["image"]}
+        if task == "segmentation":
+            out["label"] = example["label"][..., 0]
+        else:
+            out["label"] = tf.cast(example["label"], tf.int32)
+        return out
+    return decode
+
+
+def open_split(name: str, split: str, *, data_dir: str | None = None,
+               process_index: int = 0, process_count: int = 1,
+               minicity_options: minicity_builders.MinicityOptions | None = None) -> SplitData:
+    """This process's contiguous share of `name/split`, in stored (deterministic) order."""
+    check_split(name, split)
+    data_dir = data_dir or default_data_dir()
+    builder = _builder(name, split, data_dir, minicity_options)
+    total = builder.info.splits[split].num_examples
+    description = f"{name}/{split} in {builder.data_dir}"
+    if total == 0:
+        raise ValueError(f"Split {description} is empty")
+    shard = tfds.even_splits(split, n=process_count, drop_remainder=False)[process_index]
+    dataset = builder.as_dataset(split=shard, shuffle_files=False)
+    task = spec(name).task
+    dataset = dataset.map(_decode(task), num_parallel_calls=tf.data.AUTOTUNE)
+    return SplitData(
+        dataset=dataset,
+        num_examples=builder.info.splits[shard].num_examples,
+        total_examples=total,
+        label_table=labels.label_table(spec(name).label_table),
+        task=task,
+        description=description,
+    )

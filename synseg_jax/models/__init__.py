@@ -1,0 +1,1 @@
+"""Networks: backbones, segmenters, discriminators, translators."""

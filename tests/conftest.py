@@ -1,0 +1,5 @@
+"""Test setup: silence TensorFlow's start-up chatter and keep it off any accelerator."""
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
