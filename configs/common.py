@@ -1,0 +1,238 @@
+"""Every config field, its default and where the default comes from.
+
+A method's config file starts from `base_config()`, sets what its paper says, and returns
+`finalize(config, arg)`, which applies the preset (`demo`, `gta5`, `synthia`) and then the
+`key=value` overrides of `arg`. Configs are locked: a mistyped key is an error naming the key.
+
+Defaults below are the papers' values for the full-size setting (the `gta5` preset); the `demo`
+preset shrinks models and data so a run takes minutes on a CPU, without changing the algorithm.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+from typing import Callable
+
+import ml_collections
+
+PRESETS = ("demo", "gta5", "synthia")
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0  # seeds parameter init, data order and augmentation
+    c.preset = "demo"  # set by finalize(); recorded in config.json
+
+    c.data = d = ml_collections.ConfigDict()
+    d.data_dir = ""  # TFDS data dir; "" -> $SYNSEG_DATA_DIR or ~/tensorflow_datasets
+    d.source = "minicity"  # labelled source dataset
+    d.source_split = "sim"
+    d.target = "minicity"  # unlabelled target dataset ("" for source-only / generalisation)
+    d.target_split = "real_train"
+    d.target_labels = False  # True only for the oracle: trains on target labels
+    d.eval_dataset = "minicity"
+    d.eval_split = "real_val"
+    d.extra_eval_splits = ()  # further "dataset/split" pairs scored at the end of training
+    d.train_resize = (720, 1280)  # (H, W) resize before cropping; GTA5 1280x720 (AdaptSegNet)
+    d.target_resize = (512, 1024)  # Cityscapes train images 1024x512 (AdaptSegNet)
+    d.crop = (512, 1024)  # random crop (H, W); () = no crop
+    d.scale_range = (1.0, 1.0)  # random rescale factor range before cropping
+    d.flip = True  # random horizontal flip, p = 0.5
+    d.jitter_prob = 0.0  # probability of each of contrast / saturation / brightness jitter
+    d.normalization = "caffe_bgr"  # DeepLab lineage: BGR 0..255 minus mean (REFERENCE.md)
+    d.eval_size = (512, 1024)  # inference size; logits upsampled to the full label size
+    d.eval_batch_size = 1
+    d.shuffle_buffer = 1000
+    d.minicity = m = ml_collections.ConfigDict()
+    m.scene_size = (128, 256)  # minicity rendering size (H, W)
+    m.object_size = 64  # minicity objects crop size
+    m.seed = 0  # generator seed: a different seed is a different benchmark
+    m.num_examples = ""  # "split:count,..." to shrink splits (tests); "" = benchmark sizes
+
+    c.model = mo = ml_collections.ConfigDict()
+    mo.name = "deeplabv2"  # segmenter, see synseg_jax.models.segmenters
+    mo.num_classes = 19
+    mo.depth = 101  # ResNet-101 (DeepLabV2, AdaptSegNet)
+    mo.stage_sizes = ()  # explicit blocks per stage; overrides depth (demo members)
+    mo.width = 1.0  # channel multiplier (demo members)
+    mo.style = "caffe"  # stride on the first 1x1 conv, as DeepLab's released weights
+    mo.output_stride = 8  # DeepLabV2: layer3 dilation 2, layer4 dilation 4
+    mo.aspp_rates = (6, 12, 18, 24)  # DeepLabV2 ASPP
+    mo.aspp_two_branch = False  # AdaptSegNet code's rates (6, 12) only (REFERENCE.md)
+    mo.multi_level = False  # second ASPP on layer3 (AdaptSegNet multi-level)
+    mo.bn_mode = "frozen"  # "frozen": running statistics; "train": batch statistics
+    mo.bn_update = "source"  # with bn_mode="train": which domains update running stats
+    mo.init_weights = ""  # path of imported ImageNet params ("demo": minicity-objects pretraining)
+    mo.init_scope = "backbone"  # which subtree init_weights provides
+
+    c.optim = o = ml_collections.ConfigDict()
+    o.kind = "sgd"  # segmenter optimiser (DeepLabV2 family: SGD)
+    o.lr = 2.5e-4  # DeepLabV2 / AdaptSegNet
+    o.momentum = 0.9
+    o.weight_decay = 5e-4
+    o.head_lr_mult = 10.0  # classifier learns 10x faster (DeepLab)
+    o.poly_power = 0.9  # poly decay (1 - it/max)^0.9
+    o.schedule_steps = 250_000  # poly horizon (AdaptSegNet: 250k, stopped earlier)
+    o.freeze_bn_affine = True  # reference code freezes BN scale/bias
+    o.frozen_prefixes = ()  # parameter path prefixes never updated (e.g. ROAD "frozen" ablation)
+
+    c.train = t = ml_collections.ConfigDict()
+    t.steps = 120_000  # AdaptSegNet stops at 120k of the 250k schedule
+    t.batch_size = 1  # global batch per domain (AdaptSegNet: 1)
+    t.log_every = 50
+    t.image_every = 1000  # image summaries (input, label, prediction)
+    t.checkpoint_every = 5000
+    t.keep_checkpoints = 3
+    t.eval_every = 5000  # 0: only at the end
+
+    c.method = me = ml_collections.ConfigDict()
+    me.name = "source_only"  # see synseg_jax.methods
+    me.aux_weight = 0.1  # multi-level: source loss = main + 0.1 x aux (AdaptSegNet)
+
+    c.pretrain = p = ml_collections.ConfigDict()
+    p.config = "configs/pretrain.py"  # demo: config that makes init_weights when it is missing
+    p.workdir = ""  # "" -> <workdir>/../pretrain_<model hash>
+    return c
+
+
+def _demo(c: ml_collections.ConfigDict) -> None:
+    """Minutes on a 2-core CPU: small DeepLabV2 member, minicity at its stored size."""
+    d = c.data
+    d.source, d.source_split = "minicity", "sim"
+    d.target, d.target_split = "minicity", "real_train"
+    d.eval_dataset, d.eval_split = "minicity", "real_val"
+    d.train_resize = (128, 256)
+    d.target_resize = (128, 256)
+    d.crop = (64, 128)
+    d.scale_range = (0.75, 1.25)
+    d.eval_size = (128, 256)
+    d.eval_batch_size = 25
+    mo = c.model
+    mo.stage_sizes = (1, 1, 1, 1)
+    mo.width = 0.25
+    mo.init_weights = "demo"
+    c.optim.lr = 1e-2  # small nets from a small pretraining take a larger step than 2.5e-4
+    c.optim.schedule_steps = 1500
+    t = c.train
+    t.steps = 1500
+    t.batch_size = 8
+    t.log_every = 50
+    t.image_every = 500
+    t.checkpoint_every = 500
+    t.eval_every = 500
+
+
+def _gta5(c: ml_collections.ConfigDict) -> None:
+    d = c.data
+    d.source, d.source_split = "gta5", "train"
+    d.target, d.target_split = "cityscapes", "train"
+    d.eval_dataset, d.eval_split = "cityscapes", "validation"
+    d.train_resize = (720, 1280)  # GTA5 resized to 1280x720
+    d.target_resize = (512, 1024)
+    d.eval_size = (512, 1024)
+
+
+def _synthia(c: ml_collections.ConfigDict) -> None:
+    _gta5(c)
+    c.data.source = "synthia"
+    c.data.train_resize = (760, 1280)  # SYNTHIA 1280x760
+
+
+PRESET_FNS: dict[str, Callable[[ml_collections.ConfigDict], None]] = {
+    "demo": _demo, "gta5": _gta5, "synthia": _synthia,
+}
+
+
+def parse_arg(arg: str | None) -> tuple[str, list[tuple[str, str]]]:
+    """'preset,key=value,...' -> (preset, [(key, value), ...]); the preset may be omitted."""
+    parts = [p for p in _split_top_level(arg or "") if p]
+    preset = "demo"
+    if parts and "=" not in parts[0]:
+        preset = parts.pop(0)
+    if preset not in PRESETS:
+        raise ValueError(f"Unknown preset {preset!r}; valid presets: {list(PRESETS)}")
+    overrides = []
+    for part in parts:
+        if "=" not in part:
+            raise ValueError(f"Config override {part!r} is not of the form key=value")
+        key, value = part.split("=", 1)
+        overrides.append((key.strip(), value.strip()))
+    return preset, overrides
+
+
+def _split_top_level(text: str) -> list[str]:
+    """Splits on commas outside brackets, so `crop=(64,128)` stays one override."""
+    parts, depth, current = [], 0, []
+    for ch in text:
+        depth += ch in "([{"
+        depth -= ch in ")]}"
+        if ch == "," and depth == 0:
+            parts.append("".join(current).strip())
+            current = []
+        else:
+            current.append(ch)
+    parts.append("".join(current).strip())
+    return parts
+
+
+def _all_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+    keys = []
+    for key, value in config.items():
+        full = f"{prefix}{key}"
+        keys.append(full)
+        if isinstance(value, ml_collections.ConfigDict):
+            keys.extend(_all_keys(value, full + "."))
+    return keys
+
+
+def _parse_value(raw: str, current):
+    """Parses `raw` to the type of the field's current value."""
+    if isinstance(current, str):
+        return raw
+    try:
+        value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        raise ValueError(f"cannot parse {raw!r} as a {type(current).__name__}") from None
+    if isinstance(current, bool):
+        if not isinstance(value, bool):
+            raise ValueError(f"expected True or False, got {raw!r}")
+    elif isinstance(current, float) and isinstance(value, int):
+        value = float(value)
+    elif isinstance(current, tuple):
+        value = tuple(value) if isinstance(value, (list, tuple)) else (value,)
+    elif not isinstance(value, type(current)):
+        raise ValueError(f"expected a {type(current).__name__}, got {raw!r}")
+    return value
+
+
+def set_key(config: ml_collections.ConfigDict, key: str, raw: str) -> None:
+    """Sets dotted `key` from the string `raw`; an unknown key names itself and close matches."""
+    *parents, leaf = key.split(".")
+    node = config
+    for name in parents:
+        node = node.get(name) if isinstance(node, ml_collections.ConfigDict) else None
+    if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
+        close = difflib.get_close_matches(key, _all_keys(config), n=3)
+        hint = f"; did you mean {close}?" if close else ""
+        raise KeyError(f"Unknown config key {key!r}{hint}")
+    try:
+        value = _parse_value(raw, node[leaf])
+    except ValueError as err:
+        raise ValueError(f"Config key {key!r}: {err}") from None
+    with node.unlocked():
+        node[leaf] = value
+
+
+def finalize(config: ml_collections.ConfigDict, arg: str | None,
+             method_presets: dict[str, Callable] | None = None) -> ml_collections.ConfigDict:
+    """Applies the preset (common part, then the method's part) and the overrides; locks."""
+    preset, overrides = parse_arg(arg)
+    config.preset = preset
+    PRESET_FNS[preset](config)
+    if method_presets and preset in method_presets:
+        method_presets[preset](config)
+    for key, raw in overrides:
+        set_key(config, key, raw)
+    config.lock()
+    return config

@@ -1,0 +1,120 @@
+"""Every orbax call lives here: save, resume, restore one role, check that a checkpoint fits.
+
+Checkpoints are PyTree checkpoints of the whole TrainState, so evaluation can restore the `seg`
+role alone (a partial restore) without building discriminators, teachers or optimiser states.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint whose keys or shapes do not fit the model the config builds."""
+
+
+def _path_str(path) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def _shapes(tree) -> dict[str, tuple]:
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {_path_str(p): tuple(getattr(v, "shape", ())) for p, v in leaves}
+
+
+def _describe_mismatch(saved: dict[str, tuple], wanted: dict[str, tuple], limit: int = 8) -> str:
+    missing = [k for k in wanted if k not in saved]
+    unexpected = [k for k in saved if k not in wanted]
+    shapes = [f"{k}: checkpoint {saved[k]} vs config {wanted[k]}"
+              for k in wanted if k in saved and saved[k] != wanted[k]]
+    lines = []
+    for title, items in (("missing from the checkpoint", missing),
+                         ("in the checkpoint but not in the model", unexpected),
+                         ("shape mismatches", shapes)):
+        if items:
+            lines.append(f"  {title} ({len(items)}): " + "; ".join(items[:limit])
+                         + (" ..." if len(items) > limit else ""))
+    return "\n".join(lines)
+
+
+class Checkpointer:
+    """Numbered checkpoints of a TrainState in `directory`."""
+
+    def __init__(self, directory: str, *, max_to_keep: int | None = 3, read_only: bool = False):
+        self.directory = str(directory)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, read_only=read_only, create=not read_only)
+        self._manager = ocp.CheckpointManager(
+            self.directory, options=options, item_handlers=ocp.PyTreeCheckpointHandler())
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self._manager.all_steps())
+
+    def save(self, step: int, state: Any) -> None:
+        # Wait for the previous async save first: two in flight would race on old-step deletion.
+        self._manager.wait_until_finished()
+        self._manager.save(step, args=ocp.args.PyTreeSave(state), force=True)
+
+    def wait(self) -> None:
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+    def _resolve_step(self, step: int | None) -> int:
+        steps = self.all_steps()
+        if not steps:
+            raise FileNotFoundError(f"No checkpoint in {self.directory}")
+        if step is None:
+            return max(steps)
+        if step not in steps:
+            raise FileNotFoundError(
+                f"No checkpoint for step {step} in {self.directory}; available steps: {steps}")
+        return step
+
+    def _check_fits(self, step: int, target: Any, prefixes: tuple[str, ...] = ()) -> None:
+        saved = _shapes(self._manager.item_metadata(step).tree)
+        if prefixes:  # a partial restore compares only the subtrees it asks for
+            saved = {k: v for k, v in saved.items() if k.startswith(prefixes)}
+        problem = _describe_mismatch(saved, _shapes(target))
+        if problem:
+            raise CheckpointMismatchError(
+                f"Checkpoint {self.directory} step {step} does not fit the model built from "
+                f"the config:\n{problem}")
+
+    def _restore(self, target: Any, step: int | None, prefixes: tuple[str, ...]) -> Any:
+        step = self._resolve_step(step)
+        abstract = jax.tree_util.tree_map(_abstract, target)
+        self._check_fits(step, abstract, prefixes)
+        restore_args = ocp.checkpoint_utils.construct_restore_args(abstract)
+        logging.info("Restoring %s step %d", self.directory, step)
+        return self._manager.restore(step, args=ocp.args.PyTreeRestore(
+            item=abstract, restore_args=restore_args, partial_restore=bool(prefixes)))
+
+    def restore(self, target: Any, step: int | None = None) -> Any:
+        """The whole state, in the structure (and shardings) of `target`; latest step by default."""
+        return self._restore(target, step, ())
+
+    def restore_role(self, role: str, params: Any, collections: Any,
+                     step: int | None = None) -> tuple[Any, Any]:
+        """Only one role's params and collections (no optimiser state, no other role)."""
+        item = {"roles": {role: {"params": params, "collections": collections}}}
+        prefixes = (f"roles/{role}/params/", f"roles/{role}/collections/")
+        restored = self._restore(item, step, prefixes)["roles"][role]
+        return restored["params"], restored["collections"]
+
+
+def _abstract(x):
+    if isinstance(x, jax.ShapeDtypeStruct):
+        return x
+    sharding = getattr(x, "sharding", None)
+    return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding)
