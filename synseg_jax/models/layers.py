@@ -1,0 +1,161 @@
+"""Shared building blocks: conv + BatchNorm, explicit BatchNorm modes, gradient reversal, resizing.
+
+Everything is NHWC. Convolutions pad symmetrically (``dilation * (k - 1) // 2`` per side), as the
+PyTorch / Caffe reference networks do, rather than flax's "SAME", which pads stride-2 convs
+asymmetrically and would shift every feature map by half a pixel relative to imported weights.
+
+Naming rule, relied on by the optimiser (which freezes or decays BN affine params) and by the weight
+importer: every BatchNorm module's name starts with ``bn``, and no other module's name does. A BN
+layer therefore shows up as ``.../bn/scale``, ``.../bn/bias`` in ``params`` and ``.../bn/mean``,
+``.../bn/var`` in ``batch_stats``; :func:`is_bn_path` tests a tree path for it.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+BN_PREFIX = "bn"
+
+# "frozen": always normalise with the running statistics and never change them (Caffe DeepLab's
+#   use_global_stats; the right thing for batch-1 fine-tuning of a pretrained net).
+# "train": batch statistics when called with train=True, and the running averages are updated (the
+#   caller passes mutable=["batch_stats"] and decides whether to keep the update, i.e. which domains
+#   move the statistics); running statistics when train=False. This is what the AdaptSegNet-lineage
+#   code does, even though it freezes the BN affine parameters.
+BN_MODES = ("frozen", "train")
+
+# torchvision's ResNet init: He normal over fan-out. Used for training from scratch (TSG/SSI, demo);
+# imported weights overwrite it otherwise.
+conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+def is_bn_path(path: Sequence[Any]) -> bool:
+    """Whether a tree path (strings or jax ``DictKey``s) lies inside a BatchNorm module."""
+    return any(str(getattr(k, "key", k)).startswith(BN_PREFIX) for k in path)
+
+
+def batch_norm(mode: str, train: bool, name: str = BN_PREFIX, dtype: Any = None) -> nn.BatchNorm:
+    """A BatchNorm whose use of batch vs running statistics follows ``mode`` (see ``BN_MODES``).
+
+    Momentum 0.9 / eps 1e-5 are PyTorch's defaults (its momentum 0.1 weights the new batch).
+    Unlike PyTorch, flax folds the biased batch variance into the running variance; with the crop
+    sizes used here (thousands of pixels per channel) the difference is negligible.
+    """
+    if mode not in BN_MODES:
+        raise ValueError(f"bn_mode must be one of {BN_MODES}, got {mode!r}")
+    if not name.startswith(BN_PREFIX):
+        raise ValueError(f"BatchNorm module names must start with {BN_PREFIX!r}, got {name!r}")
+    return nn.BatchNorm(
+        use_running_average=(mode == "frozen" or not train),
+        momentum=0.9,
+        epsilon=1e-5,
+        # Two-pass variance: E[x^2] - E[x]^2 loses precision on un-centred (0..255) inputs.
+        use_fast_variance=False,
+        dtype=dtype,
+        name=name,
+    )
+
+
+def conv_padding(kernel_size: int, dilation: int = 1) -> list[tuple[int, int]]:
+    """Symmetric PyTorch-style padding that keeps the size at stride 1 for odd kernels."""
+    p = dilation * (kernel_size - 1) // 2
+    return [(p, p), (p, p)]
+
+
+class ConvBN(nn.Module):
+    """k×k conv without bias (named ``conv``), BatchNorm (named ``bn``), optional ReLU."""
+
+    features: int
+    kernel_size: int = 3
+    strides: int = 1
+    dilation: int = 1
+    relu: bool = True
+    bn_mode: str = "frozen"
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        k, s, d = self.kernel_size, self.strides, self.dilation
+        x = nn.Conv(self.features, (k, k), strides=(s, s), padding=conv_padding(k, d),
+                    kernel_dilation=(d, d), use_bias=False, kernel_init=conv_init,
+                    dtype=self.dtype, name="conv")(x)
+        x = batch_norm(self.bn_mode, train, dtype=self.dtype)(x)
+        return nn.relu(x) if self.relu else x
+
+
+def pool_output_size(size: int, window: int, stride: int, padding: int, ceil_mode: bool) -> int:
+    """Output length of a pooling window along one axis, with PyTorch's ceil-mode rule."""
+    span = size + 2 * padding - window
+    out = (-(-span // stride) if ceil_mode else span // stride) + 1
+    # PyTorch drops a last window that would start in the right padding.
+    if ceil_mode and (out - 1) * stride >= size + padding:
+        out -= 1
+    return out
+
+
+def max_pool(x: jax.Array, window: int, stride: int, padding: int = 0,
+             ceil_mode: bool = False) -> jax.Array:
+    """Square max-pool on NHWC with symmetric -inf padding; ``ceil_mode`` as in PyTorch/Caffe.
+
+    Ceil mode is implemented by extra -inf padding on the bottom/right so the last partial window
+    exists; padding never wins a max because every window overlaps the input.
+    """
+    pads = []
+    for size in x.shape[1:3]:
+        out = pool_output_size(size, window, stride, padding, ceil_mode)
+        extra = max(0, (out - 1) * stride + window - (size + 2 * padding))
+        pads.append((padding, padding + extra))
+    return nn.max_pool(x, (window, window), strides=(stride, stride), padding=pads)
+
+
+@jax.custom_vjp
+def _grad_reverse(x, scale):
+    return x
+
+
+def _grad_reverse_fwd(x, scale):
+    return x, scale
+
+
+def _grad_reverse_bwd(scale, g):
+    # The scale is a hyperparameter (possibly scheduled): it gets a zero gradient.
+    return (-scale * g).astype(g.dtype), jnp.zeros_like(scale)
+
+
+_grad_reverse.defvjp(_grad_reverse_fwd, _grad_reverse_bwd)
+
+
+def grad_reverse(x: jax.Array, scale: float | jax.Array = 1.0) -> jax.Array:
+    """Identity forward; multiplies the incoming gradient by ``-scale`` backward (DANN's GRL).
+
+    ``scale`` may be a traced value, e.g. a schedule of the step.
+    """
+    return _grad_reverse(x, jnp.asarray(scale, jnp.float32))
+
+
+def upsample_bilinear(x: jax.Array, size: Sequence[int]) -> jax.Array:
+    """Bilinear resize of axes 1, 2 to ``size`` = (h, w), like PyTorch's align_corners=False.
+
+    No antialiasing, so downsizing also matches ``F.interpolate(mode="bilinear")`` rather than
+    ``jax.image.resize``'s default area-weighted filter. Works on (N, H, W, C) and (N, H, W).
+    """
+    h, w = size
+    shape = (x.shape[0], h, w) + x.shape[3:]
+    return jax.image.resize(x, shape, method="bilinear", antialias=False)
+
+
+def resize_nearest(x: jax.Array, size: Sequence[int]) -> jax.Array:
+    """Nearest-neighbour resize of axes 1, 2 with PyTorch's ``mode="nearest"`` rule.
+
+    Output pixel i reads input pixel floor(i * in / out), computed exactly in integers. Any dtype
+    (label maps stay integer); works on (N, H, W, C) and (N, H, W).
+    """
+    h, w = size
+    rows = (np.arange(h) * x.shape[1]) // h
+    cols = (np.arange(w) * x.shape[2]) // w
+    return jnp.take(jnp.take(x, rows, axis=1), cols, axis=2)
