@@ -48,7 +48,9 @@ def base_config() -> ml_collections.ConfigDict:
     m.scene_size = (128, 256)  # minicity rendering size (H, W)
     m.object_size = 64  # minicity objects crop size
     m.seed = 0  # generator seed: a different seed is a different benchmark
-    m.num_examples = ""  # "split:count,..." to shrink splits (tests); "" = benchmark sizes
+    # Examples per split; 0 keeps the benchmark's size (minicity.DEFAULT_NUM_EXAMPLES).
+    m.num_examples = ml_collections.ConfigDict(
+        {"sim": 0, "sim_topdown": 0, "real_train": 0, "real_val": 0, "objects": 0})
 
     c.model = mo = ml_collections.ConfigDict()
     mo.name = "deeplabv2"  # segmenter, see synseg_jax.models.segmenters
@@ -92,7 +94,8 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.pretrain = p = ml_collections.ConfigDict()
     p.config = "configs/pretrain.py"  # demo: config that makes init_weights when it is missing
-    p.workdir = ""  # "" -> <workdir>/../pretrain_<model hash>
+    p.workdir = ""  # "" -> <workdir>/../pretrain_<backbone key>
+    p.overrides = ""  # extra "key=value,..." for the pretraining config (e.g. train.steps=100)
     return c
 
 

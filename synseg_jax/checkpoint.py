@@ -7,6 +7,7 @@ role alone (a partial restore) without building discriminators, teachers or opti
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import jax
@@ -111,6 +112,26 @@ class Checkpointer:
         prefixes = (f"roles/{role}/params/", f"roles/{role}/collections/")
         restored = self._restore(item, step, prefixes)["roles"][role]
         return restored["params"], restored["collections"]
+
+
+def save_variables(path: str, variables: Any) -> None:
+    """Writes a standalone variables tree (e.g. a pretrained backbone's params and batch_stats)."""
+    with ocp.PyTreeCheckpointer() as writer:
+        writer.save(os.path.abspath(path), variables, force=True)
+
+
+def load_variables(path: str) -> Any:
+    """Reads a tree written by `save_variables` (or by the weight importer) as numpy arrays."""
+    path = os.path.abspath(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"No variables checkpoint at {path} (model.init_weights)")
+    with ocp.PyTreeCheckpointer() as reader:
+        metadata = reader.metadata(path).item_metadata.tree
+        target = jax.tree_util.tree_map(
+            lambda m: np.zeros(m.shape, m.dtype), metadata,
+            is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"))
+        return reader.restore(path, args=ocp.args.PyTreeRestore(
+            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target)))
 
 
 def _abstract(x):

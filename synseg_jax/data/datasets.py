@@ -24,13 +24,21 @@ from synseg_jax.data.builders import minicity as minicity_builders
 class DatasetSpec:
     splits: tuple[str, ...]
     label_table: str  # key of labels.LABEL_TABLES
-    task: str = "segmentation"  # or "classification" (label is one trainId per image)
+    classification_splits: tuple[str, ...] = ()  # splits whose label is one trainId per image
+
+    def task(self, split: str) -> str:
+        return "classification" if split.split("[", 1)[0] in self.classification_splits \
+            else "segmentation"
 
 
 DATASETS: dict[str, DatasetSpec] = {
     "minicity": DatasetSpec(
         splits=("sim", "sim_topdown", "real_train", "real_val", "objects"),
-        label_table="train_id"),
+        label_table="train_id", classification_splits=("objects",)),
+    # Real datasets: raw ids as in the official downloads (REFERENCE.md), mapped by the pipeline.
+    "gta5": DatasetSpec(splits=("train",), label_table="gta5"),
+    "synthia": DatasetSpec(splits=("train",), label_table="synthia"),
+    "cityscapes": DatasetSpec(splits=("train", "validation"), label_table="cityscapes"),
 }
 
 
@@ -54,7 +62,8 @@ def spec(name: str) -> DatasetSpec:
 
 
 def check_split(name: str, split: str) -> None:
-    if split not in spec(name).splits:
+    # TFDS slicing ("objects[:90%]") is allowed on any split.
+    if split.split("[", 1)[0] not in spec(name).splits:
         raise ValueError(
             f"Dataset {name!r} has no split {split!r}; valid splits: {list(spec(name).splits)}")
 
@@ -76,7 +85,9 @@ def _builder(name: str, split: str, data_dir: str, minicity_options):
             logging.info("Rendering minicity %s into %s (one time)", builder.info.full_name, data_dir)
             builder.download_and_prepare()
         return builder
-    raise ValueError(f"Unknown dataset {name!r}; valid datasets: {sorted(DATASETS)}")
+    raise FileNotFoundError(
+        f"Dataset {name!r} is not prepared in {data_dir}: the TFDS builders for the real datasets "
+        f"(GTA5, SYNTHIA, Cityscapes) are not implemented yet; use the demo preset on minicity")
 
 
 def _decode(task: str):
@@ -103,7 +114,7 @@ def open_split(name: str, split: str, *, data_dir: str | None = None,
         raise ValueError(f"Split {description} is empty")
     shard = tfds.even_splits(split, n=process_count, drop_remainder=False)[process_index]
     dataset = builder.as_dataset(split=shard, shuffle_files=False)
-    task = spec(name).task
+    task = spec(name).task(split)
     dataset = dataset.map(_decode(task), num_parallel_calls=tf.data.AUTOTUNE)
     return SplitData(
         dataset=dataset,

@@ -79,7 +79,7 @@ def _render_encoded(job: tuple[str, int, MinicityOptions]) -> tuple[int, dict]:
     if split == "objects":
         encoded["label"] = int(example["label"])
     else:
-        encoded["label"] = io.BytesIO(_png(example["label"][..., None]))
+        encoded["label"] = io.BytesIO(_png(example["label"]))  # 1-channel PNG
     return index, encoded
 
 

@@ -1,0 +1,141 @@
+"""Images/s of the train and eval streams of synseg_jax.data.pipeline, measured on the host.
+
+    python benchmarks/pipeline_throughput.py                 # both sources below
+    python benchmarks/pipeline_throughput.py --source png --num-images 32
+
+Sources: ``memory`` (128x256 uint8 arrays held in memory, the demo's size) and ``png``
+(1024x512 image + label PNGs written to a temp dir and read back with decode_png). A new source
+(minicity, a TFDS split) is one more entry in ``SOURCES``: a function returning the dataset of
+``{"image", "label"}`` and the train / eval settings that suit its image size.
+
+Timing covers tf.data work and the host-side conversion to numpy (``HostIterator``), not
+device transfer. Prints a markdown table; ``machine`` names the platform and CPU count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import platform
+import tempfile
+import time
+from collections.abc import Callable
+
+import numpy as np
+import tensorflow as tf
+
+from synseg_jax.data import labels, pipeline
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    dataset: tf.data.Dataset
+    description: str
+    train: pipeline.AugmentConfig
+    eval_size: tuple[int, int]
+
+
+def synthetic_pair(rng: np.random.Generator, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+    """A street-ish image (smooth bands plus noise, so PNGs compress like photos) and raw ids."""
+    rows = np.linspace(0, 1, h, dtype=np.float32)[:, None, None]
+    cols = np.linspace(0, 1, w, dtype=np.float32)[None, :, None]
+    tint = rng.uniform(0, 255, (1, 1, 3)).astype(np.float32)
+    image = 0.5 * tint + 80 * rows + 40 * np.sin(6 * cols + rng.uniform(0, 6))
+    image = image + rng.normal(0, 6, (h, w, 3))
+    ids = np.array([7, 8, 11, 21, 23, 26], np.uint8)  # road, sidewalk, building, veg, sky, car
+    band = np.minimum((rows[..., 0] * 4 + cols[..., 0] * 2).astype(int), len(ids) - 1)
+    label = np.broadcast_to(ids[band], (h, w))
+    return np.clip(image, 0, 255).astype(np.uint8), np.ascontiguousarray(label)
+
+
+def memory_source(num_images: int, seed: int = 0) -> Source:
+    rng = np.random.default_rng(seed)
+    pairs = [synthetic_pair(rng, 128, 256) for _ in range(num_images)]
+    ds = tf.data.Dataset.from_tensor_slices({"image": np.stack([p[0] for p in pairs]),
+                                             "label": np.stack([p[1] for p in pairs])})
+    train = pipeline.AugmentConfig(scale_range=(0.75, 1.25), crop=(128, 256),
+                                   jitter=pipeline.Jitter())
+    return Source(ds, "in-memory 128x256", train, eval_size=(128, 256))
+
+
+def png_source(num_images: int, directory: str, seed: int = 0) -> Source:
+    rng = np.random.default_rng(seed)
+    image_paths, label_paths = [], []
+    for i in range(num_images):
+        image, label = synthetic_pair(rng, 512, 1024)
+        for array, kind, paths in ((image, "image", image_paths), (label[..., None], "label",
+                                                                    label_paths)):
+            path = os.path.join(directory, f"{i:05d}_{kind}.png")
+            tf.io.write_file(path, tf.io.encode_png(array))
+            paths.append(path)
+
+    def decode(image_path, label_path):
+        return {"image": tf.io.decode_png(tf.io.read_file(image_path), channels=3),
+                "label": tf.io.decode_png(tf.io.read_file(label_path), channels=1)[..., 0]}
+
+    ds = tf.data.Dataset.from_tensor_slices((image_paths, label_paths)).map(
+        decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    train = pipeline.AugmentConfig(scale_range=(0.75, 1.25), crop=(256, 512),
+                                   jitter=pipeline.Jitter())
+    return Source(ds, "PNG 1024x512 (decode_png)", train, eval_size=(256, 512))
+
+
+SOURCES: dict[str, Callable[[int, str], Source]] = {
+    "memory": lambda n, tmp: memory_source(n),
+    "png": lambda n, tmp: png_source(n, tmp),
+}
+
+
+def images_per_second(batches, batch_size: int, warmup: int, steps: int | None) -> float:
+    """Throughput after ``warmup`` batches, over ``steps`` batches (None: until exhausted)."""
+    it = iter(batches)
+    for _ in range(warmup):
+        next(it)
+    count, start = 0, time.perf_counter()
+    for _ in (range(steps) if steps is not None else iter(int, 1)):
+        try:
+            next(it)
+        except StopIteration:
+            break
+        count += 1
+    return count * batch_size / (time.perf_counter() - start)
+
+
+def benchmark(source: Source, batch_size: int, steps: int) -> dict[str, float]:
+    table = labels.CITYSCAPES_TABLE
+    train = pipeline.train_stream(source.dataset, config=source.train, batch_size=batch_size,
+                                  seed=0, table=table, shuffle_buffer=64)
+    results = {"train": images_per_second(pipeline.HostIterator(train), batch_size, 2, steps)}
+    # The eval stream is finite: time one full pass (a second pass re-reads the source).
+    evaluation = pipeline.eval_stream(source.dataset, batch_size=batch_size, table=table,
+                                      image_size=source.eval_size,
+                                      normalization=source.train.normalization)
+    results["eval"] = images_per_second(pipeline.HostIterator(evaluation), batch_size, 1, None)
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--source", choices=[*SOURCES, "all"], default="all")
+    parser.add_argument("--num-images", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=20, help="timed train batches")
+    args = parser.parse_args()
+    machine = f"{platform.platform()}, {platform.processor() or platform.machine()}, " \
+              f"{os.cpu_count()} CPUs"
+    names = list(SOURCES) if args.source == "all" else [args.source]
+    print("| source | train crop | eval image | batch | train images/s | eval images/s | machine |")
+    print("|---|---|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in names:
+            source = SOURCES[name](args.num_images, tmp)
+            result = benchmark(source, args.batch_size, args.steps)
+            crop = "x".join(map(str, source.train.crop))
+            size = "x".join(map(str, source.eval_size))
+            print(f"| {source.description} | {crop} | {size} | {args.batch_size} "
+                  f"| {result['train']:.1f} | {result['eval']:.1f} | {machine} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

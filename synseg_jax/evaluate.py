@@ -1,0 +1,88 @@
+"""Scores a segmenter on a split with the full-resolution protocol, and writes the results.
+
+Logits are predicted at the eval size, upsampled bilinearly to the label's (original) size,
+argmaxed and counted into one confusion matrix over the whole split. Only `Method.predict` and the
+`seg` role's variables are used, so a checkpoint is scored without building anything else.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Callable, Iterable
+
+import jax
+import jax.numpy as jnp
+
+from synseg_jax import checkpoint, inputs, methods, metrics, parallel
+from synseg_jax.models import layers
+
+
+def make_eval_step(predict: Callable, num_classes: int) -> Callable:
+    """(seg_variables, batch) -> int32 [C, C] confusion of that batch; padding is masked out."""
+
+    def step(variables, batch):
+        logits = predict(variables, batch["image"])
+        logits = layers.upsample_bilinear(logits, batch["label"].shape[1:3])
+        pred = jnp.argmax(logits, axis=-1)
+        return metrics.confusion_matrix(pred, batch["label"], num_classes, mask=batch["mask"])
+
+    return step
+
+
+def evaluate(eval_step: Callable, variables, batches: Iterable[dict]) -> metrics.SegmentationScores:
+    """Sums the confusion of every batch (host int64) and scores the split."""
+    total = None
+    count = 0
+    for batch in batches:
+        total = metrics.accumulate_confusion(total, eval_step(variables, batch))
+        count += 1
+    if total is None:
+        raise ValueError("The evaluation stream yielded no batch")
+    return metrics.scores_from_confusion(total)
+
+
+def write_results(workdir: str, name: str, step: int,
+                  scores: metrics.SegmentationScores) -> tuple[str, str]:
+    """Writes eval/<name>_<step>.json and .md (process 0 only); returns both paths."""
+    directory = os.path.join(workdir, "eval")
+    stem = os.path.join(directory, f"{name.replace('/', '_')}_{step}")
+    if jax.process_index() == 0:
+        os.makedirs(directory, exist_ok=True)
+        with open(stem + ".json", "w") as f:
+            f.write(json.dumps({"split": name, "step": int(step), **scores.to_dict()}, indent=2,
+                               allow_nan=False))
+        with open(stem + ".md", "w") as f:
+            f.write(f"# {name}, step {step}\n\n" + metrics.markdown_table(scores))
+        logging.info("Wrote %s.json and .md", stem)
+    return stem + ".json", stem + ".md"
+
+
+def restore_seg(config, workdir: str, step: int | None = None) -> tuple[dict, dict]:
+    """The `seg` role's (params, collections) of a run, read alone from its checkpoint."""
+    method = methods.build(config)
+    abstract = jax.eval_shape(method.init, jax.random.PRNGKey(0), inputs.abstract_batch(config))
+    seg = abstract.roles["seg"]
+    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
+    return ckpt.restore_role("seg", seg.params, seg.collections, step)
+
+
+def evaluate_checkpoint(config, workdir: str, step: int | None = None
+                        ) -> dict[str, metrics.SegmentationScores]:
+    """--mode=eval: scores the latest (or a given) checkpoint's `seg` role on the eval splits."""
+    mesh = parallel.make_mesh()
+    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
+    step = step if step is not None else ckpt.latest_step()
+    if step is None:
+        raise FileNotFoundError(f"No checkpoint in {ckpt.directory} to evaluate")
+    params, collections = restore_seg(config, workdir, step)
+    variables = jax.device_put({"params": params, **collections}, parallel.replicated(mesh))
+    method = methods.build(config)
+    eval_step = jax.jit(make_eval_step(method.predict, config.model.num_classes))
+    results = {}
+    for name, split in inputs.eval_targets(config):
+        scores = evaluate(eval_step, variables, inputs.eval_batches(config, mesh, name, split))
+        write_results(workdir, f"{name}/{split}", step, scores)
+        results[f"{name}/{split}"] = scores
+    return results

@@ -1,0 +1,106 @@
+"""Config -> data streams: the one place where config fields meet the data layer."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import ml_collections
+import tensorflow as tf
+
+from synseg_jax import parallel
+from synseg_jax.data import datasets, pipeline
+from synseg_jax.data.builders.minicity import MinicityOptions
+
+
+def minicity_options(data: ml_collections.ConfigDict) -> MinicityOptions:
+    m = data.minicity
+    counts = {split: n for split, n in m.num_examples.items() if n}
+    return MinicityOptions.create(scene_size=m.scene_size, object_size=m.object_size, seed=m.seed,
+                                  num_examples=counts)
+
+
+def open_split(data: ml_collections.ConfigDict, name: str, split: str) -> datasets.SplitData:
+    # Restrict TF to the CPU: it must never take accelerator memory from JAX.
+    tf.config.set_visible_devices([], "GPU")
+    return datasets.open_split(
+        name, split, data_dir=data.data_dir or None, process_index=jax.process_index(),
+        process_count=jax.process_count(), minicity_options=minicity_options(data))
+
+
+def augment_config(data: ml_collections.ConfigDict, resize) -> pipeline.AugmentConfig:
+    return pipeline.AugmentConfig(
+        resize=tuple(resize) or None,
+        scale_range=tuple(data.scale_range),
+        crop=tuple(data.crop) or None,
+        flip_prob=0.5 if data.flip else 0.0,
+        jitter=pipeline.Jitter(brightness_prob=data.jitter_prob, contrast_prob=data.jitter_prob,
+                               saturation_prob=data.jitter_prob) if data.jitter_prob else None,
+        normalization=data.normalization,
+    )
+
+
+def train_batches(config: ml_collections.ConfigDict, mesh, *, seed: int) -> pipeline.HostIterator:
+    """Endless global batches {"source": ..., ["target": ...]} sharded over the mesh."""
+    data = config.data
+    local_batch = parallel.local_batch_size(config.train.batch_size)
+    source = open_split(data, data.source, data.source_split)
+    source_aug = augment_config(data, data.train_resize)
+    if source.task == "classification":
+        source_aug = dataclasses.replace(source_aug, crop=None, scale_range=(1.0, 1.0))
+    if data.target:
+        target = open_split(data, data.target, data.target_split)
+        ds = pipeline.paired_stream(
+            source.dataset, target.dataset, batch_size=local_batch, seed=seed,
+            source_table=source.label_table, source_config=source_aug,
+            target_config=augment_config(data, data.target_resize),
+            target_table=target.label_table, target_labels=data.target_labels,
+            shuffle_buffer=data.shuffle_buffer, source_name=source.description,
+            target_name=target.description)
+    else:
+        ds = pipeline.train_stream(
+            source.dataset, config=source_aug, batch_size=local_batch, seed=seed,
+            table=source.label_table, shuffle_buffer=data.shuffle_buffer, name=source.description)
+        ds = ds.map(lambda b: {"source": b})
+    return pipeline.HostIterator(ds, mesh=mesh, name="train")
+
+
+def eval_batches(config: ml_collections.ConfigDict, mesh, name: str, split: str):
+    """Finite global batches of one split, padded so every process runs the same steps."""
+    data = config.data
+    local_batch = parallel.local_batch_size(data.eval_batch_size)
+    opened = open_split(data, name, split)
+    per_process_max = -(-opened.total_examples // jax.process_count())
+    ds = pipeline.eval_stream(
+        opened.dataset, batch_size=local_batch, table=opened.label_table,
+        image_size=tuple(data.eval_size) or None, normalization=data.normalization,
+        num_batches=pipeline.num_eval_batches(per_process_max, local_batch),
+        name=opened.description)
+    return pipeline.HostIterator(ds, mesh=mesh, name=f"{name}/{split}")
+
+
+def eval_targets(config: ml_collections.ConfigDict) -> list[tuple[str, str]]:
+    """(dataset, split) pairs scored at the end: the main eval split, then the extra ones."""
+    targets = [(config.data.eval_dataset, config.data.eval_split)]
+    for item in config.data.extra_eval_splits:
+        name, _, split = item.partition("/")
+        targets.append((name, split))
+    return targets
+
+
+def abstract_batch(config: ml_collections.ConfigDict) -> dict:
+    """Shapes of one global train batch, for building a state without reading data."""
+    data, b = config.data, config.train.batch_size
+
+    def domain(resize, labelled):
+        hw = tuple(data.crop) or tuple(resize) or (data.minicity.object_size,) * 2
+        out = {"image": jax.ShapeDtypeStruct((b, *hw, 3), jax.numpy.float32),
+               "crop_box": jax.ShapeDtypeStruct((b, 4), jax.numpy.float32)}
+        if labelled:
+            out["label"] = jax.ShapeDtypeStruct((b, *hw), jax.numpy.uint8)
+        return out
+
+    batch = {"source": domain(data.train_resize, True)}
+    if data.target:
+        batch["target"] = domain(data.target_resize, data.target_labels)
+    return batch

@@ -1,0 +1,39 @@
+"""Entry point: python -m synseg_jax.main --config=configs/road.py[:preset,key=value] --workdir=DIR.
+
+Thin on purpose: flags in, `recipe.run` out.
+"""
+
+import logging as py_logging
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from synseg_jax import parallel, recipe  # noqa: E402
+
+config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/road.py:demo",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, summaries and results.")
+flags.DEFINE_enum("mode", "train", ["train", "eval"], "train (resumes if possible) or eval.")
+flags.DEFINE_integer("step", None, "--mode=eval: checkpoint step (default: latest).")
+flags.DEFINE_string("coordinator_address", None, "Multi-process: host:port of process 0.")
+flags.DEFINE_integer("num_processes", None, "Multi-process: number of processes.")
+flags.DEFINE_integer("process_id", None, "Multi-process: this process's index.")
+flags.mark_flags_as_required(["config", "workdir"])
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    parallel.maybe_initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
+                                          FLAGS.process_id)
+    logging.set_verbosity(logging.INFO)
+    py_logging.getLogger("jax").setLevel(py_logging.WARNING)
+    recipe.run(FLAGS.config, FLAGS.workdir, FLAGS.mode, FLAGS.step)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,197 @@
+"""The one training loop, shared by every method; it knows none of them.
+
+It builds the mesh, the data streams and the method's state, jits `method.train_step` with the
+state donated and explicit shardings, and runs it: logging scalars and images through clu,
+checkpointing through orbax (resuming from the latest step), evaluating periodically, and
+stopping on a non-finite loss before that step can reach a checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from clu import metric_writers
+
+from synseg_jax import checkpoint, evaluate, inputs, methods, metrics, parallel
+from synseg_jax.data import labels, pipeline
+from synseg_jax.models import layers
+from synseg_jax.state import TrainState
+
+
+class NonFiniteLossError(FloatingPointError):
+    pass
+
+
+def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+    if jax.process_index() == 0:
+        os.makedirs(workdir, exist_ok=True)
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+
+
+def _first_non_finite(host_metrics: dict[str, float]) -> str | None:
+    for name in sorted(host_metrics):
+        if name.startswith("loss/") and not math.isfinite(host_metrics[name]):
+            return name
+    return None
+
+
+def _check_finite(host_metrics: dict[str, float], step: int, ckpt: checkpoint.Checkpointer) -> None:
+    bad = _first_non_finite(host_metrics)
+    if bad is not None:
+        last = ckpt.latest_step()
+        kept = (f"the last good checkpoint (step {last}) in {ckpt.directory} is intact"
+                if last is not None else "no checkpoint had been written yet")
+        raise NonFiniteLossError(
+            f"Non-finite loss at step {step}: {bad} = {host_metrics[bad]}; stopping. {kept}.")
+
+
+def load_pretrained(path: str) -> dict:
+    """Pretrained {"params", "batch_stats"} of one subtree (see synseg_jax.checkpoint)."""
+    return checkpoint.load_variables(path)
+
+
+def _image_summaries(state: TrainState, batch: dict, normalization: str,
+                     predict_fn, max_images: int = 3) -> dict[str, np.ndarray]:
+    source = jax.device_get(batch["source"])
+    images = source["image"][:max_images]
+    rgb = np.clip(pipeline.denormalize(images, normalization), 0, 255).astype(np.uint8)
+    out = {"train/source_image": rgb}
+    if np.ndim(source.get("label")) == 3:  # segmentation: label and prediction, colourised
+        seg = state.roles["seg"]
+        logits = predict_fn({"params": seg.params, **seg.collections}, batch["source"]["image"])
+        logits = layers.upsample_bilinear(logits, images.shape[1:3])
+        pred = np.asarray(jax.device_get(jnp.argmax(logits, -1)))[:max_images]
+        out["train/source_label"] = labels.colorize(source["label"][:max_images])
+        out["train/source_prediction"] = labels.colorize(pred)
+    return out
+
+
+def run_evaluation(config, method, state: TrainState, mesh, workdir: str, step: int,
+                   targets, eval_step) -> dict[str, metrics.SegmentationScores]:
+    seg = state.roles["seg"]
+    variables = {"params": seg.params, **seg.collections}
+    results = {}
+    for name, split in targets:
+        batches = inputs.eval_batches(config, mesh, name, split)
+        scores = evaluate.evaluate(eval_step, variables, batches)
+        evaluate.write_results(workdir, f"{name}/{split}", step, scores)
+        results[f"{name}/{split}"] = scores
+    return results
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
+                       ) -> dict[str, metrics.SegmentationScores]:
+    """Trains `config.method` for `config.train.steps`; returns the final evaluation scores."""
+    save_config(config, workdir)
+    mesh = parallel.make_mesh()
+    repl, data_sharding = parallel.replicated(mesh), parallel.data_sharding(mesh)
+    method = methods.build(config)
+    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                   max_to_keep=config.train.keep_checkpoints)
+    start_step = ckpt.latest_step() or 0
+    total_steps = config.train.steps
+    # A resumed run draws a fresh, still seed-determined data order instead of replaying batches.
+    batches = inputs.train_batches(config, mesh, seed=config.seed + 7919 * start_step)
+    batch = next(batches)
+
+    rng = jax.random.PRNGKey(config.seed)
+    pretrained = None
+    if config.model.init_weights and start_step == 0:
+        pretrained = load_pretrained(config.model.init_weights)
+        logging.info("Initialising %s from %s", config.model.init_scope, config.model.init_weights)
+    state = jax.jit(method.init, out_shardings=repl)(rng, batch, pretrained)
+    if start_step:
+        state = ckpt.restore(state)
+        logging.info("Resumed from step %d of %s", start_step, ckpt.directory)
+
+    train_step = jax.jit(method.train_step, donate_argnums=(0,),
+                         in_shardings=(repl, data_sharding), out_shardings=(repl, repl))
+    predict_fn = jax.jit(method.predict)
+    eval_step = jax.jit(evaluate.make_eval_step(method.predict, config.model.num_classes))
+    eval_targets = inputs.eval_targets(config) if config.data.eval_dataset else []
+    writer = metric_writers.create_default_writer(
+        workdir, just_logging=jax.process_index() > 0, asynchronous=True)
+    t = config.train
+    results: dict[str, metrics.SegmentationScores] = {}
+    pending = None  # (step, device metrics) of the previous step, checked one step late
+    timer_start, timer_steps = time.time(), 0
+
+    for step in range(start_step + 1, total_steps + 1):
+        if step > start_step + 1:
+            batch = next(batches)
+        state, step_metrics = train_step(state, batch)
+        # Reading the previous step's metrics keeps the device busy while the host checks them.
+        if pending is not None:
+            host = {k: float(v) for k, v in jax.device_get(pending[1]).items()}
+            _check_finite(host, pending[0], ckpt)
+            if pending[0] % t.log_every == 0:
+                _log_progress(writer, pending[0], host, total_steps, timer_start, timer_steps)
+                timer_start, timer_steps = time.time(), 0
+        pending = (step, step_metrics)
+        timer_steps += 1
+
+        is_last = step == total_steps
+        if t.image_every and (step % t.image_every == 0 or is_last):
+            writer.write_images(step, _image_summaries(
+                state, batch, config.data.normalization, predict_fn))
+        if step % t.checkpoint_every == 0 or is_last:
+            host = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+            _check_finite(host, step, ckpt)  # a bad step never reaches a checkpoint
+            ckpt.save(step, state)
+        if eval_targets and ((t.eval_every and step % t.eval_every == 0) or is_last):
+            targets = eval_targets if is_last else eval_targets[:1]
+            results = run_evaluation(config, method, state, mesh, workdir, step, targets, eval_step)
+            writer.write_scalars(step, {f"eval/{k}/miou": v.miou_19 for k, v in results.items()})
+            for key, scores in results.items():
+                logging.info("step %d %s mIoU %.2f", step, key, 100 * scores.miou_19)
+
+    if pending is not None:
+        host = {k: float(v) for k, v in jax.device_get(pending[1]).items()}
+        _check_finite(host, pending[0], ckpt)
+    ckpt.close()
+    writer.flush()
+    if start_step >= total_steps:
+        logging.info("Nothing to train: %s already holds step %d", ckpt.directory, start_step)
+    if results and jax.process_index() == 0:
+        _write_summary(workdir)
+    return results
+
+
+def _log_progress(writer, step: int, host: dict[str, float], total: int, since: float,
+                  steps: int) -> None:
+    rate = steps / max(time.time() - since, 1e-9)
+    eta = (total - step) / rate if rate else float("inf")
+    writer.write_scalars(step, {**host, "perf/steps_per_sec": rate})
+    losses = ", ".join(f"{k}={v:.4f}" for k, v in sorted(host.items()) if k.startswith("loss/"))
+    logging.info("step %d/%d  %s  %.2f steps/s  ETA %s", step, total, losses, rate,
+                 time.strftime("%H:%M:%S", time.gmtime(eta)) if math.isfinite(eta) else "?")
+
+
+def _write_summary(workdir: str) -> None:
+    """eval/summary.json: for each split, the last and the best evaluated step (say which!)."""
+    directory = os.path.join(workdir, "eval")
+    history: dict[str, list[tuple[int, float]]] = {}
+    for name in sorted(os.listdir(directory)):
+        if name.endswith(".json") and name != "summary.json":
+            with open(os.path.join(directory, name)) as f:
+                record = json.load(f)
+            history.setdefault(record["split"], []).append((record["step"], record["miou_19"]))
+    summary = {}
+    for split, points in history.items():
+        points.sort()
+        valid = [p for p in points if p[1] is not None]
+        best = max(valid, key=lambda p: p[1]) if valid else (None, None)
+        summary[split] = {"last": {"step": points[-1][0], "miou_19": points[-1][1]},
+                          "best": {"step": best[0], "miou_19": best[1]},
+                          "note": "best is selected on this split itself: an optimistic figure"}
+    with open(os.path.join(directory, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)

@@ -1,0 +1,75 @@
+"""Every config file loads with every preset, and every name in it resolves."""
+
+import glob
+import os
+
+import pytest
+
+from configs import common
+from synseg_jax import methods
+from synseg_jax.data import datasets, labels
+from synseg_jax.data.pipeline import NORMALIZATIONS
+from synseg_jax.models import segmenters
+from synseg_jax.recipe import load_config_file
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+CONFIG_FILES = sorted(p for p in glob.glob(os.path.join(CONFIG_DIR, "*.py"))
+                      if os.path.basename(p) not in ("__init__.py", "common.py"))
+
+
+def test_there_are_configs():
+    assert {"source_only.py", "pretrain.py"} <= {os.path.basename(p) for p in CONFIG_FILES}
+
+
+@pytest.mark.parametrize("preset", common.PRESETS)
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=os.path.basename)
+def test_config_loads_and_every_name_resolves(path, preset):
+    config = load_config_file(path, preset)
+    assert config.preset == preset
+    assert config.method.name in methods.METHODS
+    if config.method.name == "classifier":
+        assert "resnet" in segmenters.CLASSIFIERS
+    else:
+        assert config.model.name in segmenters.SEGMENTERS
+    d = config.data
+    for name, split in [(d.source, d.source_split), (d.target, d.target_split),
+                        (d.eval_dataset, d.eval_split)]:
+        if name:
+            datasets.check_split(name, split)
+            labels.label_table(datasets.spec(name).label_table)
+    for item in d.extra_eval_splits:
+        datasets.check_split(*item.split("/"))
+    assert d.normalization in NORMALIZATIONS
+    assert config.model.bn_mode in ("frozen", "train")
+    # Demo presets run on minicity; the paper presets on the real datasets.
+    assert (d.source == "minicity") == (preset == "demo" or config.method.name == "classifier")
+
+
+def test_unknown_key_and_bad_value_are_named():
+    with pytest.raises(KeyError, match="train.stepz.*train.steps"):
+        load_config_file(os.path.join(CONFIG_DIR, "source_only.py"), "demo,train.stepz=3")
+    with pytest.raises(ValueError, match="'optim.lr'"):
+        load_config_file(os.path.join(CONFIG_DIR, "source_only.py"), "demo,optim.lr=fast")
+    with pytest.raises(ValueError, match="Unknown preset 'gta6'.*gta5"):
+        load_config_file(os.path.join(CONFIG_DIR, "source_only.py"), "gta6")
+
+
+def test_overrides_parse_to_the_field_type():
+    config = load_config_file(os.path.join(CONFIG_DIR, "source_only.py"),
+                              "gta5,data.crop=(256,512),optim.lr=1,model.multi_level=True")
+    assert config.data.crop == (256, 512)
+    assert config.optim.lr == 1.0 and isinstance(config.optim.lr, float)
+    assert config.model.multi_level is True
+    assert config.data.source == "gta5"
+
+
+def test_unknown_dataset_split_and_method_list_valid_ones():
+    with pytest.raises(ValueError, match="valid splits.*real_val"):
+        datasets.check_split("minicity", "real_test")
+    with pytest.raises(ValueError, match="valid datasets.*minicity"):
+        datasets.spec("minicty")
+    config = load_config_file(os.path.join(CONFIG_DIR, "source_only.py"), "demo")
+    config.unlock()
+    config.method.name = "sourceonly"
+    with pytest.raises(ValueError, match="valid methods.*source_only"):
+        methods.build(config)

@@ -1,0 +1,177 @@
+"""The training loop end to end on a tiny minicity: checkpoints, summaries, eval, resume, NaN stop,
+demo pretraining, and the same losses on 1 and 8 devices."""
+
+import glob
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+
+from configs import source_only
+from synseg_jax import checkpoint, evaluate, recipe, train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+TINY = [
+    "data.minicity.scene_size=(32,64)", "data.minicity.object_size=16",
+    "data.minicity.num_examples.sim=16", "data.minicity.num_examples.sim_topdown=4",
+    "data.minicity.num_examples.real_train=8", "data.minicity.num_examples.real_val=6",
+    "data.minicity.num_examples.objects=32",
+    "data.train_resize=(32,64)", "data.target_resize=(32,64)", "data.crop=(32,32)",
+    "data.eval_size=(32,64)", "data.eval_batch_size=4", "data.shuffle_buffer=16",
+    "model.width=0.125", "model.stage_sizes=(1,1,1,1)", "model.init_weights=",
+    "model.bn_mode=train",  # from scratch: frozen BN would keep the init statistics (0, 1)
+    "train.steps=4", "train.batch_size=2", "train.checkpoint_every=2", "train.eval_every=2",
+    "train.log_every=1", "train.image_every=2",
+]
+
+
+def tiny_config(data_dir, *extra):
+    return source_only.get_config(",".join(["demo", f"data.data_dir={data_dir}", *TINY, *extra]))
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("tfds"))
+
+
+@pytest.fixture(scope="module")
+def finished_run(data_dir, tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("run"))
+    config = tiny_config(data_dir)
+    results = train.train_and_evaluate(config, workdir)
+    return config, workdir, results
+
+
+def test_run_leaves_checkpoints_events_and_eval(finished_run):
+    config, workdir, results = finished_run
+    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
+    assert ckpt.all_steps() == [2, 4]
+    assert glob.glob(os.path.join(workdir, "events.out.tfevents.*"))
+    with open(os.path.join(workdir, "eval", "minicity_real_val_4.json")) as f:
+        record = json.load(f)
+    assert record["step"] == 4 and 0.0 <= record["pixel_acc"] <= 1.0
+    assert record["num_pixels"] > 0
+    assert os.path.exists(os.path.join(workdir, "eval", "minicity_real_val_2.md"))
+    with open(os.path.join(workdir, "config.json")) as f:
+        assert json.load(f)["train"]["steps"] == 4
+    with open(os.path.join(workdir, "eval", "summary.json")) as f:
+        summary = json.load(f)["minicity/real_val"]
+    assert summary["last"]["step"] == 4
+    assert results["minicity/real_val"].miou_19 == pytest.approx(record["miou_19"])
+
+
+def test_eval_mode_reproduces_training_time_numbers(finished_run, tmp_path):
+    config, workdir, _ = finished_run
+    with open(os.path.join(workdir, "eval", "minicity_real_val_4.json")) as f:
+        at_train_time = json.load(f)
+    scores = evaluate.evaluate_checkpoint(config, workdir)["minicity/real_val"]
+    assert scores.to_dict()["per_class_iou"] == at_train_time["per_class_iou"]
+    assert scores.num_pixels == at_train_time["num_pixels"]
+    # Every real_val pixel is scored exactly once: 6 images at the stored 32x64 label size.
+    assert scores.num_pixels <= 6 * 32 * 64
+    earlier = evaluate.evaluate_checkpoint(config, workdir, step=2)["minicity/real_val"]
+    with open(os.path.join(workdir, "eval", "minicity_real_val_2.json")) as f:
+        assert earlier.to_dict()["per_class_iou"] == json.load(f)["per_class_iou"]
+
+
+def test_resume_continues_from_latest_step(data_dir, tmp_path):
+    workdir = str(tmp_path / "run")
+    train.train_and_evaluate(tiny_config(data_dir, "train.eval_every=0"), workdir)
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    first = checkpoint.Checkpointer(ckpt_dir, read_only=True)
+    params_at_4, _ = first.restore_role("seg", *_seg_shapes(tiny_config(data_dir)))
+    # The same command with more steps picks up at step 4 and goes on to 6.
+    config = tiny_config(data_dir, "train.eval_every=0", "train.steps=6")
+    train.train_and_evaluate(config, workdir)
+    steps = checkpoint.Checkpointer(ckpt_dir, read_only=True).all_steps()
+    assert steps[-1] == 6 and 4 in steps
+    params_at_4_again, _ = checkpoint.Checkpointer(ckpt_dir, read_only=True).restore_role(
+        "seg", *_seg_shapes(config), step=4)
+    for a, b in zip(jax.tree_util.tree_leaves(params_at_4), jax.tree_util.tree_leaves(params_at_4_again)):
+        np.testing.assert_array_equal(a, b)  # step 4 was not retrained
+
+
+def _seg_shapes(config):
+    from synseg_jax import inputs, methods
+    method = methods.build(config)
+    abstract = jax.eval_shape(method.init, jax.random.PRNGKey(0), inputs.abstract_batch(config))
+    return abstract.roles["seg"].params, abstract.roles["seg"].collections
+
+
+def test_non_finite_loss_stops_with_step_and_term_and_keeps_last_good_checkpoint(data_dir, tmp_path):
+    workdir = str(tmp_path / "run")
+    config = tiny_config(data_dir, "optim.lr=1e30", "train.checkpoint_every=1", "train.eval_every=0",
+                         "train.steps=8")
+    with pytest.raises(train.NonFiniteLossError, match=r"step \d+: loss/seg = (nan|inf)") as err:
+        train.train_and_evaluate(config, workdir)
+    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
+    bad_step = int(str(err.value).split("step ")[1].split(":")[0])
+    assert all(s < bad_step for s in ckpt.all_steps())
+    if ckpt.all_steps():
+        params, _ = ckpt.restore_role("seg", *_seg_shapes(config))
+        assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(params))
+
+
+def test_demo_pretraining_runs_once_and_initialises_the_backbone(data_dir, tmp_path):
+    config = tiny_config(data_dir, "model.init_weights=demo", "train.steps=2",
+                         "pretrain.overrides=train.steps=3", f"pretrain.workdir={tmp_path / 'pre'}")
+    resolved = recipe.ensure_pretrained(config, str(tmp_path / "run"))
+    weights = resolved.model.init_weights
+    assert os.path.isdir(weights) and weights.startswith(str(tmp_path / "pre"))
+    backbone = checkpoint.load_variables(weights)
+    seg_params, _ = _seg_shapes(config)
+    got = jax.tree_util.tree_map(np.shape, backbone["params"])
+    assert got == jax.tree_util.tree_map(lambda s: s.shape, seg_params["backbone"])
+    mtime = os.path.getmtime(weights)
+    assert recipe.ensure_pretrained(config, str(tmp_path / "run")).model.init_weights == weights
+    assert os.path.getmtime(weights) == mtime  # found, not redone
+
+
+_DEVICE_SCRIPT = textwrap.dedent("""
+    import json, os, sys
+    sys.path.insert(0, {repo!r})
+    import jax
+    from configs import source_only
+    from synseg_jax import inputs, methods, parallel
+    config = source_only.get_config(",".join({overrides!r}))
+    mesh = parallel.make_mesh()
+    method = methods.build(config)
+    batches = inputs.train_batches(config, mesh, seed=0)
+    batch = next(batches)
+    repl = parallel.replicated(mesh)
+    state = jax.jit(method.init, out_shardings=repl)(jax.random.PRNGKey(0), batch, None)
+    step = jax.jit(method.train_step, donate_argnums=(0,),
+                   in_shardings=(repl, parallel.data_sharding(mesh)), out_shardings=(repl, repl))
+    losses = []
+    for i in range(3):
+        state, m = step(state, batch if i == 0 else next(batches))
+        losses.append(float(m["loss/seg"]))
+    print("LOSSES", json.dumps([len(jax.devices())] + losses))
+""")
+
+
+def _losses_on(num_devices, data_dir):
+    overrides = ["demo", f"data.data_dir={data_dir}", *TINY, "train.batch_size=8",
+                 "model.bn_mode=train"]
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={num_devices}",
+           "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run([sys.executable, "-c", _DEVICE_SCRIPT.format(repo=REPO, overrides=overrides)],
+                         env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert out.returncode == 0, out.stderr[-3000:]
+    line = [l for l in out.stdout.splitlines() if l.startswith("LOSSES")][-1]
+    devices, *losses = json.loads(line.split(" ", 1)[1])
+    assert devices == num_devices
+    return losses
+
+
+def test_one_and_eight_devices_give_the_same_losses(data_dir, finished_run):
+    one = _losses_on(1, data_dir)
+    eight = _losses_on(8, data_dir)
+    np.testing.assert_allclose(one, eight, rtol=2e-4)
+    assert one[0] != one[2]  # the steps really trained
