@@ -314,12 +314,12 @@ def test_classifier_backbone_transfers_to_segmenter():
 
 
 def test_factories_resolve_every_name_and_reject_unknown():
-    for name in segmenters.SEGMENTERS:
+    # TINY fits the ResNet-based names; tests/test_model_zoo.py builds every registered name.
+    for name in ("deeplabv2", "pspnet_r101"):
         _abstract_init(segmenters.build_segmenter(name, 3, **TINY))
     for name in segmenters.CLASSIFIERS:
         _abstract_init(segmenters.build_classifier(name, 3, **TINY))
-    for name in segmenters.BACKBONES:
-        _abstract_init(segmenters.build_backbone(name, **TINY))
+    _abstract_init(segmenters.build_backbone("resnet", **TINY))
     with pytest.raises(ValueError, match="deeplabv2"):
         segmenters.build_segmenter("deeplabv3", 19)
     with pytest.raises(ValueError, match="resnet"):

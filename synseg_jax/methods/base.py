@@ -6,6 +6,7 @@ A method owns its networks, losses and update rules. `train.py` only calls `init
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Protocol
 
 import flax.linen as nn
@@ -36,12 +37,17 @@ class Method(Protocol):
 
 
 def segmenter_from_config(model: ml_collections.ConfigDict) -> nn.Module:
+    """The segmenter `model.name`, given those of the model.* fields its class declares."""
+    fields = {
+        "depth": model.depth, "stage_sizes": tuple(model.stage_sizes) or None,
+        "width": model.width, "style": model.style, "output_stride": model.output_stride,
+        "bn_mode": model.bn_mode, "aspp_rates": tuple(model.aspp_rates),
+        "aspp_two_branch": model.aspp_two_branch, "multi_level": model.multi_level,
+    }
+    cls = segmenters.SEGMENTERS.get(model.name)
+    declared = {f.name for f in dataclasses.fields(cls)} if cls is not None else set(fields)
     return segmenters.build_segmenter(
-        model.name, model.num_classes, depth=model.depth,
-        stage_sizes=tuple(model.stage_sizes) or None, width=model.width, style=model.style,
-        output_stride=model.output_stride, bn_mode=model.bn_mode,
-        aspp_rates=tuple(model.aspp_rates), aspp_two_branch=model.aspp_two_branch,
-        multi_level=model.multi_level)
+        model.name, model.num_classes, **{k: v for k, v in fields.items() if k in declared})
 
 
 def optimizer_from_config(o: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation, Any]:
@@ -87,17 +93,20 @@ def _check_same_shapes(expected, given, scope: str) -> None:
 
 
 def forward(module: nn.Module, role: RoleState, params: Any, images: jax.Array, *,
-            train: bool, update_stats: bool) -> tuple[dict, dict]:
+            train: bool, update_stats: bool, rng: jax.Array | None = None) -> tuple[dict, dict]:
     """Runs a segmenter; returns (outputs, collections after the call).
 
     With bn_mode="train" the batch is normalised by its own statistics; the running statistics
-    are updated only when `update_stats` (the config chooses which domains do).
+    are updated only when `update_stats` (the config chooses which domains do). `rng` feeds
+    dropout, which runs only in training.
     """
     variables = {"params": params, **role.collections}
+    rngs = {"dropout": rng} if (train and rng is not None) else None
     if train and getattr(module, "bn_mode", "frozen") == "train" and "batch_stats" in role.collections:
-        out, updated = module.apply(variables, images, train=True, mutable=["batch_stats"])
+        out, updated = module.apply(variables, images, train=True, mutable=["batch_stats"],
+                                    rngs=rngs)
         return out, ({**role.collections, **updated} if update_stats else role.collections)
-    return module.apply(variables, images, train=train), role.collections
+    return module.apply(variables, images, train=train, rngs=rngs), role.collections
 
 
 def apply_gradients(role: RoleState, grads: Any, tx: optax.GradientTransformation,

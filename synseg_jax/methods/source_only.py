@@ -43,7 +43,8 @@ class SourceOnly:
 
         def loss_fn(params):
             out, collections = base.forward(self.model, seg, params, source["image"], train=True,
-                                            update_stats=self.update_source_stats)
+                                            update_stats=self.update_source_stats,
+                                            rng=state.step_rng("dropout"))
             total, terms = self.seg_loss(out, source["label"])
             return total, (terms, collections)
 
