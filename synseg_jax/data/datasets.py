@@ -17,7 +17,11 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from synseg_jax.data import labels
+from synseg_jax.data.builders import cityscapes as cityscapes_builders
+from synseg_jax.data.builders import common as real_builders
+from synseg_jax.data.builders import gta5 as gta5_builders
 from synseg_jax.data.builders import minicity as minicity_builders
+from synseg_jax.data.builders import synthia as synthia_builders
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +43,14 @@ DATASETS: dict[str, DatasetSpec] = {
     "gta5": DatasetSpec(splits=("train",), label_table="gta5"),
     "synthia": DatasetSpec(splits=("train",), label_table="synthia"),
     "cityscapes": DatasetSpec(splits=("train", "validation"), label_table="cityscapes"),
+}
+
+
+# Builders of the real datasets, prepared from the official downloads by `synseg_jax.prepare`.
+REAL_BUILDERS: dict[str, type[real_builders.RealDatasetBuilder]] = {
+    "gta5": gta5_builders.Gta5,
+    "synthia": synthia_builders.Synthia,
+    "cityscapes": cityscapes_builders.Cityscapes,
 }
 
 
@@ -85,9 +97,20 @@ def _builder(name: str, split: str, data_dir: str, minicity_options):
             logging.info("Rendering minicity %s into %s (one time)", builder.info.full_name, data_dir)
             builder.download_and_prepare()
         return builder
-    raise FileNotFoundError(
-        f"Dataset {name!r} is not prepared in {data_dir}: the TFDS builders for the real datasets "
-        f"(GTA5, SYNTHIA, Cityscapes) are not implemented yet; use the demo preset on minicity")
+    if name in REAL_BUILDERS:
+        cls = REAL_BUILDERS[name]
+        builder = cls(data_dir=data_dir)
+        if not builder.is_prepared():
+            raise FileNotFoundError(cls.not_prepared_message(data_dir, name))
+        return builder
+    raise ValueError(f"Dataset {name!r} has no builder")
+
+
+def builder(name: str, split: str, *, data_dir: str | None = None,
+            minicity_options: minicity_builders.MinicityOptions | None = None):
+    """The prepared TFDS builder that `open_split` reads `name/split` from."""
+    check_split(name, split)
+    return _builder(name, split, data_dir or default_data_dir(), minicity_options)
 
 
 def _decode(task: str):
