@@ -66,7 +66,7 @@ def base_config() -> ml_collections.ConfigDict:
     mo.bn_mode = "frozen"  # "frozen": running statistics; "train": batch statistics
     mo.bn_update = "source"  # with bn_mode="train": which domains update running stats
     mo.init_weights = ""  # path of imported ImageNet params ("demo": minicity-objects pretraining)
-    mo.init_scope = "backbone"  # which subtree init_weights provides
+    mo.init_scope = "backbone"  # which subtree init_weights provides ("": the whole segmenter)
 
     c.optim = o = ml_collections.ConfigDict()
     o.kind = "sgd"  # segmenter optimiser (DeepLabV2 family: SGD)
@@ -91,6 +91,17 @@ def base_config() -> ml_collections.ConfigDict:
     c.method = me = ml_collections.ConfigDict()
     me.name = "source_only"  # see synseg_jax.methods
     me.aux_weight = 0.1  # multi-level: source loss = main + 0.1 x aux (AdaptSegNet)
+    # ROAD (configs/road.py; Chen et al. CVPR 2018). Only the "road" method reads these.
+    me.dist = True  # target-guided distillation to a frozen pretrained backbone (ROAD Sec. 3.1)
+    me.dist_domain = "target"  # images distilled on: "target" (ROAD) or "source" (Sec. 4.3 "sd")
+    me.dist_layer = ""  # backbone feature distilled; "" = the backbone's last (ResNet layer4)
+    me.lambda_dist = 0.1  # lambda_1 of Eq. 5 (ROAD Sec. 3.3)
+    me.spt = True  # spatial-aware adversarial adaptation (ROAD Sec. 3.2)
+    me.spt_layer = ""  # features the domain classifiers see; "" = what the seg classifier sees
+    me.grid = (3, 3)  # (rows, cols) regions of the original image (ROAD Sec. 4.4: 3x3 best)
+    me.lambda_spt = 0.01  # lambda_2 of Eq. 5 (ROAD Sec. 3.3)
+    me.disc_hidden = (1024, 1024)  # 1x1-conv widths per region classifier (DANN's, ROAD ref [8])
+    me.disc_lr_mult = 10.0  # region classifiers' lr / optim.lr: new layers, like the seg head
 
     c.pretrain = p = ml_collections.ConfigDict()
     p.config = "configs/pretrain.py"  # demo: config that makes init_weights when it is missing

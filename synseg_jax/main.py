@@ -31,6 +31,9 @@ def main(argv):
     parallel.maybe_initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
                                           FLAGS.process_id)
     logging.set_verbosity(logging.INFO)
+    # Our progress goes through the stdlib root logger; libraries that log through absl (orbax's
+    # per-save chatter, clu) are kept to warnings so the progress lines stay readable.
+    py_logging.getLogger("absl").setLevel(py_logging.WARNING)
     py_logging.getLogger("jax").setLevel(py_logging.WARNING)
     recipe.run(FLAGS.config, FLAGS.workdir, FLAGS.mode, FLAGS.step)
 

@@ -201,3 +201,72 @@ def test_vgg_naming_follows_stage_sizes():
     assert naming(("conv3_4", "bias")).key == "features.16.bias"
     assert naming(("fc6", "kernel")) is None
     assert vgg.VGG16_STAGE_SIZES == (2, 2, 3, 3, 3)
+
+
+# ---------------------------------------------------------------------------------------------
+# DeepLabV2 init, STDC, BiSeNet (numerics against PyTorch: test_weight_parity.py)
+
+
+def test_deeplab_init_names_and_prefix():
+    naming = weights.deeplab_v2_naming()
+    assert naming(("backbone", "stem", "conv", "kernel")).key == "Scale.conv1.weight"
+    assert naming(("backbone", "layer3_22", "conv3", "bn", "var")).key == \
+        "Scale.layer3.22.bn3.running_var"
+    assert naming(("backbone", "layer1_0", "downsample", "conv", "kernel")).key == \
+        "Scale.layer1.0.downsample.0.weight"
+    assert naming(("head", "branch3", "bias")).key == "Scale.layer5.conv2d_list.3.bias"
+    assert naming(("head_aux", "branch0", "bias")) is None
+    sd = torchvision_resnet_state_dict((1, 1, 1, 1), stem=8, num_classes=10)
+    scaled = {f"Scale.{k}": v for k, v in sd.items() if not k.startswith("fc.")}
+    scaled["Scale.layer5.conv2d_list.0.weight"] = _random(21, 256, 3, 3)
+    assert weights.detect_prefix(scaled, ("Scale.",)) == "Scale."
+    assert weights.resnet_stage_sizes(scaled, "Scale.") == (1, 1, 1, 1)
+    model = segmenters.build_segmenter("deeplabv2", 19, stage_sizes=(1, 1, 1, 1), width=0.125)
+    variables = _abstract_variables(model)
+    out = weights.import_deeplab_resnet(scaled, variables)  # layer5 ignored for the backbone
+    np.testing.assert_array_equal(out["params"]["backbone"]["layer2_0"]["conv1"]["conv"]["kernel"],
+                                  sd["layer2.0.conv1.weight"].transpose(2, 3, 1, 0))
+    # A stripped copy (no "Scale.") works the same.
+    stripped = weights.strip_prefix(scaled, "Scale.")
+    out2 = weights.import_deeplab_resnet(stripped, variables)
+    assert _untouched(out2["params"]["head"], variables["params"]["head"])
+    # The whole model needs the ASPP to match: 21 classes in the file, 19 in the model.
+    with pytest.raises(ValueError, match=r"shape: Scale.layer5.conv2d_list.0.weight"):
+        weights.import_deeplab_resnet(scaled, variables, scope=())
+
+
+def test_stdc_names_follow_stage_sizes():
+    naming = weights.stdc_naming((2, 2, 2))
+    assert naming(("convx1", "conv", "kernel")).key == "features.0.conv.weight"
+    assert naming(("convx2", "bn", "mean")).key == "features.1.bn.running_mean"
+    assert naming(("stage3_0", "branch0", "conv", "kernel")).key == \
+        "features.2.conv_list.0.conv.weight"
+    assert naming(("stage4_0", "conv_avd", "kernel")).key == "features.4.avd_layer.0.weight"
+    assert naming(("stage5_1", "bn_avd", "var")).key == "features.7.avd_layer.1.running_var"
+    # STDC2 (STDC1446): (4, 5, 3) blocks, so stage 5 starts at features.11.
+    naming2 = weights.stdc_naming((4, 5, 3))
+    assert naming2(("stage5_0", "branch3", "bn", "scale")).key == \
+        "features.11.conv_list.3.bn.weight"
+    # Depthwise conv: PyTorch (C, 1, 3, 3) → Flax (3, 3, 1, C).
+    assert naming(("stage3_0", "conv_avd", "kernel")).transform(_random(16, 1, 3, 3)).shape == \
+        (3, 3, 1, 16)
+
+
+def test_stdcseg_bisenet_names():
+    naming = weights.stdcseg_bisenet_naming()
+    cases = {
+        ("backbone", "convx1", "conv", "kernel"): "cp.backbone.features.0.conv.weight",
+        ("head", "global_context", "bn", "scale"): "cp.conv_avg.bn.weight",
+        ("head", "arm32", "conv", "conv", "kernel"): "cp.arm32.conv.conv.weight",
+        ("head", "arm16", "conv_atten", "kernel"): "cp.arm16.conv_atten.weight",
+        ("head", "arm16", "bn_atten", "mean"): "cp.arm16.bn_atten.running_mean",
+        ("head", "refine32", "conv", "kernel"): "cp.conv_head32.conv.weight",
+        ("head", "ffm", "conv", "bn", "bias"): "ffm.convblk.bn.bias",
+        ("head", "ffm", "se_reduce", "kernel"): "ffm.conv1.weight",
+        ("head", "out", "classifier", "kernel"): "conv_out.conv_out.weight",
+        # STDC-Seg's conv_out32 reads the stride-16 context feature, conv_out16 the stride-8 one.
+        ("head", "out_ctx16", "conv", "conv", "kernel"): "conv_out32.conv.conv.weight",
+        ("head", "out_ctx8", "classifier", "kernel"): "conv_out16.conv_out.weight",
+    }
+    for path, key in cases.items():
+        assert naming(path).key == key, path

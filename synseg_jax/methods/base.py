@@ -72,14 +72,19 @@ def init_role(module: nn.Module, rng: jax.Array, sample: jax.Array,
 
 def with_pretrained(role: RoleState, pretrained: dict | None, scope: str,
                     tx: optax.GradientTransformation | None) -> RoleState:
-    """Replaces the `scope` subtree (e.g. the backbone) of a role by pretrained variables."""
+    """Replaces the `scope` subtree (e.g. "backbone"; "" = the whole model) by pretrained ones."""
     if pretrained is None:
         return role
-    params = {**role.params, scope: pretrained["params"]}
+
+    def replace(tree, new):
+        return new if not scope else {**tree, scope: new}
+
+    _check_same_shapes(role.params[scope] if scope else role.params, pretrained["params"],
+                       scope or "whole model")
+    params = replace(role.params, pretrained["params"])
     collections = dict(role.collections)
     if "batch_stats" in collections and "batch_stats" in pretrained:
-        collections["batch_stats"] = {**collections["batch_stats"], scope: pretrained["batch_stats"]}
-    _check_same_shapes(role.params[scope], pretrained["params"], scope)
+        collections["batch_stats"] = replace(collections["batch_stats"], pretrained["batch_stats"])
     return RoleState(params, collections, tx.init(params) if tx is not None else None)
 
 

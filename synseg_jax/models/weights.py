@@ -1,10 +1,15 @@
-"""Import published PyTorch weights into Flax variables: torchvision ResNet and VGG16.
+"""Import published PyTorch weights into Flax variables.
 
-Input is a PyTorch ``state_dict`` already turned into ``{name: numpy array}`` (reading ``.pth``
-files needs torch and lives elsewhere). The Flax tree drives the conversion: every leaf of the
-target variables under ``scope`` is named by an architecture's *naming* function, which returns
-the PyTorch key it comes from and how to reorient the tensor, or ``None`` for a leaf that no
-published checkpoint has (it keeps its initial value, e.g. DeepLab-LargeFOV's 1024-channel fc6).
+Families: torchvision ResNet-50/101 and VGG16, timm ResNets (same names as torchvision), DeepLabV2's
+Caffe-converted ResNet-101 init (``Scale.``-prefixed names, ASPP as ``layer5.conv2d_list``), and
+STDC813/STDC1446 (``features.{i}``), plus the STDC-Seg BiSeNet head names.
+
+Input is a PyTorch ``state_dict`` already turned into ``{name: numpy array}``; ``load_tensor_file``
+reads one from ``.pth``/``.tar`` (needs torch, imported lazily) or ``.safetensors``. The Flax
+tree drives the conversion: every leaf of the target variables under ``scope`` is named by an
+architecture's *naming* function, which returns the PyTorch key it comes from and how to reorient
+the tensor, or ``None`` for a leaf that no published checkpoint has (it keeps its initial value,
+e.g. DeepLab-LargeFOV's 1024-channel fc6).
 
 Conventions bridged here:
     conv weight   PyTorch OIHW → Flax HWIO
@@ -20,6 +25,7 @@ importing a backbone).
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -228,3 +234,283 @@ def import_torchvision_vgg16(state_dict: Mapping[str, np.ndarray], variables: Ma
     ignore = ("classifier.6.",) if import_fc else ("classifier.",)
     return import_state_dict(state_dict, variables, torchvision_vgg_naming(stage_sizes, import_fc),
                              scope, ignore_prefixes=ignore)
+
+
+# ---------------------------------------------------------------------------------------------
+# More layouts: DeepLabV2's Caffe-converted ResNet-101 init, STDC, BiSeNet-STDC, timm ResNet.
+
+
+def prefixed(naming: Naming, prefix: str) -> Naming:
+    """``naming`` with ``prefix`` put before every PyTorch key it returns."""
+    if not prefix:
+        return naming
+
+    def wrapped(path: tuple[str, ...]) -> Source | None:
+        source = naming(path)
+        return None if source is None else Source(prefix + source.key, source.transform)
+
+    return wrapped
+
+
+# DeepLab_resnet_pretrained_init-f81d91e8.pth (AdaptSegNet / ADVENT / BDL / FDA all start from it)
+# is a state_dict of the PyTorch port of DeepLabV2's Caffe ResNet-101 ("MS_Deeplab"), whose ResNet
+# is the attribute ``Scale``: keys ``Scale.conv1.weight``, ``Scale.bn1.{weight,bias,running_mean,
+# running_var}``, ``Scale.layer{s}.{b}.conv{1,2,3}.weight`` / ``.bn{1,2,3}.*``,
+# ``Scale.layer{s}.0.downsample.0.weight`` (conv) / ``.downsample.1.*`` (BN), and the ASPP as
+# ``Scale.layer5.conv2d_list.{i}.{weight,bias}`` (i = 0..3, rates 6, 12, 18, 24). The reference
+# training scripts load it by dropping the first dotted component of every key ("Scale.") and
+# skipping ``layer5`` when the class count differs. Below ``Scale.`` the names are exactly
+# torchvision's; only the layout of the network (stride on the 1×1 conv, ceil-mode pool, dilation)
+# differs, which the Flax model's ``style="caffe"`` supplies.
+DEEPLAB_PREFIX = "Scale."
+
+
+def detect_prefix(state_dict: Mapping[str, Any], candidates: Sequence[str]) -> str:
+    """The first candidate prefix that every key starts with ("" if none does)."""
+    for prefix in candidates:
+        if prefix and state_dict and all(k.startswith(prefix) for k in state_dict):
+            return prefix
+    return ""
+
+
+def strip_prefix(state_dict: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+    """Drops ``prefix`` from every key that has it (e.g. DataParallel's "module.")."""
+    return {(k[len(prefix):] if prefix and k.startswith(prefix) else k): v
+            for k, v in state_dict.items()}
+
+
+def resnet_stage_sizes(state_dict: Mapping[str, Any], prefix: str = "") -> tuple[int, ...]:
+    """Blocks per stage of a torchvision-named ResNet state_dict, e.g. (3, 4, 23, 3)."""
+    blocks: dict[int, int] = {}
+    pattern = re.compile(re.escape(prefix) + r"layer(\d+)\.(\d+)\.")
+    for key in state_dict:
+        if m := pattern.match(key):
+            s, b = int(m.group(1)), int(m.group(2))
+            blocks[s] = max(blocks.get(s, 0), b + 1)
+    return tuple(blocks[s] for s in sorted(blocks) if s <= 4)
+
+
+def aspp_naming(prefix: str) -> Naming:
+    """``ASPP`` leaf (below the head) → ``{prefix}conv2d_list.{i}`` conv with bias."""
+    def naming(path: tuple[str, ...]) -> Source | None:
+        if m := re.fullmatch(r"branch(\d+)/(kernel|bias)", "/".join(path)):
+            i, leaf = m.groups()
+            if leaf == "kernel":
+                return Source(f"{prefix}conv2d_list.{i}.weight", conv_kernel)
+            return Source(f"{prefix}conv2d_list.{i}.bias")
+        return None
+    return naming
+
+
+def deeplab_v2_naming(prefix: str = DEEPLAB_PREFIX) -> Naming:
+    """Whole ``segmenters.DeepLabV2`` leaf → DeepLab init key: ``backbone`` as torchvision's names
+    under ``prefix``, ``head`` (the ASPP on layer4) ← ``{prefix}layer5``. A multi-level model's
+    ``head_aux`` (on layer3, 1024 channels in) has no counterpart and keeps its initialisation."""
+    backbone = prefixed(torchvision_resnet_naming, prefix)
+    head = aspp_naming(f"{prefix}layer5.")
+
+    def naming(path: tuple[str, ...]) -> Source | None:
+        if path[0] == "backbone":
+            return backbone(path[1:])
+        if path[0] == "head":
+            return head(path[1:])
+        return None
+    return naming
+
+
+def _aspp_branches(variables: Mapping[str, Any], scope: Sequence[str]) -> int:
+    tree = variables["params"]
+    for key in scope:
+        tree = tree[key]
+    return sum(1 for k in tree.get("head", {}) if k.startswith("branch"))
+
+
+def import_deeplab_resnet(state_dict: Mapping[str, np.ndarray], variables: Mapping[str, Any],
+                          scope: Sequence[str] = ("backbone",), prefix: str | None = None) -> dict:
+    """DeepLabV2's ResNet-101 init (``DeepLab_resnet_pretrained_init-f81d91e8.pth``) into a Caffe
+    style ``ResNet`` under ``scope`` (its ASPP ``layer5`` ignored), or with ``scope=()`` into a
+    whole ``DeepLabV2`` including the ASPP (``head`` ← ``layer5.conv2d_list``; the model's class
+    count must equal the checkpoint's; a two-branch ASPP takes the first two convs).
+
+    ``prefix`` defaults to "Scale." when every key has it, else "" (an already stripped copy).
+    """
+    if prefix is None:
+        prefix = detect_prefix(state_dict, (DEEPLAB_PREFIX,))
+    if tuple(scope):
+        return import_state_dict(state_dict, variables, prefixed(torchvision_resnet_naming, prefix),
+                                 scope, ignore_prefixes=(f"{prefix}layer5.",))
+    branches = _aspp_branches(variables, ())
+    extra = tuple(f"{prefix}layer5.conv2d_list.{i}." for i in range(branches, 8))
+    return import_state_dict(state_dict, variables, deeplab_v2_naming(prefix), (),
+                             ignore_prefixes=extra)
+
+
+def import_timm_resnet(state_dict: Mapping[str, np.ndarray], variables: Mapping[str, Any],
+                       scope: Sequence[str] = ("backbone",)) -> dict:
+    """timm ``resnet50`` / ``resnet101`` weights (e.g. the hub's ``model.safetensors``).
+
+    timm's plain ResNets use torchvision's names and layout (stride on the 3×3 conv), so this is
+    ``import_torchvision_resnet``; variants with a deep stem or average-pool shortcuts
+    (``resnet50d`` …: ``conv1.0``, ``downsample.1`` is a conv) do not fit and fail with the list
+    of mismatched keys.
+    """
+    return import_torchvision_resnet(state_dict, variables, scope)
+
+
+# STDCNet813M_73.91.tar / STDCNet1446_76.47.tar (STDC-Seg's ImageNet classifiers): the weights are
+# under "state_dict"; the backbone is ``features``, an nn.Sequential of ConvX(3→32, 3×3/2) [0],
+# ConvX(32→64, 3×3/2) [1], then the CatBottlenecks of the three stages in order [2, 3, …]. A
+# ConvX is ``.conv`` (no bias) + ``.bn``; a CatBottleneck is ``.conv_list.{j}`` (ConvX, j =
+# branch) and, when it has stride 2, ``.avd_layer.0`` (depthwise 3×3/2 conv) + ``.avd_layer.1``
+# (BN). The network also registers ``x2``, ``x4``, ``x8``, ``x16``, ``x32`` as nn.Sequentials
+# over slices of ``features`` (the same modules again under other names) and the classifier tail
+# ``conv_last``, ``fc``, ``bn``, ``linear``; none of those is needed by the backbone.
+STDC_IGNORED = ("x2.", "x4.", "x8.", "x16.", "x32.", "conv_last.", "fc.", "bn.", "linear.")
+
+
+def stdc_naming(stage_sizes: Sequence[int] = (2, 2, 2)) -> Naming:
+    """``stdc.STDCNet`` leaf → STDC-Seg ``features.{i}`` tensor."""
+    first = {s: 2 + sum(stage_sizes[:s - 3]) for s in (3, 4, 5)}
+
+    def naming(path: tuple[str, ...]) -> Source | None:
+        joined = "/".join(path)
+        if m := re.fullmatch(r"convx(\d)/(conv|bn)/(\w+)", joined):
+            i, module, leaf = m.groups()
+            p = f"features.{int(i) - 1}"
+            return _conv_or_bn(f"{p}.conv", f"{p}.bn", module, leaf)
+        if m := re.fullmatch(r"stage(\d)_(\d+)/(.+)", joined):
+            s, b, rest = int(m.group(1)), int(m.group(2)), m.group(3)
+            p = f"features.{first[s] + b}"
+            if m := re.fullmatch(r"branch(\d+)/(conv|bn)/(\w+)", rest):
+                j, module, leaf = m.groups()
+                return _conv_or_bn(f"{p}.conv_list.{j}.conv", f"{p}.conv_list.{j}.bn", module,
+                                   leaf)
+            if rest == "conv_avd/kernel":
+                return Source(f"{p}.avd_layer.0.weight", conv_kernel)
+            if m := re.fullmatch(r"bn_avd/(\w+)", rest):
+                return _conv_or_bn("", f"{p}.avd_layer.1", "bn", m.group(1))
+        return None
+    return naming
+
+
+def import_stdc(state_dict: Mapping[str, np.ndarray], variables: Mapping[str, Any],
+                stage_sizes: Sequence[int] = (2, 2, 2), scope: Sequence[str] = ("backbone",)
+                ) -> dict:
+    """STDC-Seg ImageNet weights (the tar's "state_dict", "module." already stripped) into an
+    ``STDCNet`` under ``scope``; the classifier tail and the ``x2``…``x32`` aliases are
+    ignored."""
+    return import_state_dict(state_dict, variables, stdc_naming(stage_sizes), scope,
+                             ignore_prefixes=STDC_IGNORED)
+
+
+# STDC-Seg's BiSeNet (models/model_stages.py; the real-time DA paper's code keeps its names):
+# ``cp`` = ContextPath {backbone, arm16, arm32, conv_head32, conv_head16, conv_avg}, ``ffm`` =
+# FeatureFusionModule {convblk, conv1, conv2}, outputs ``conv_out`` (on the FFM), ``conv_out16``
+# (on the stride-8 context feature, despite its name) and ``conv_out32`` (stride-16 feature), each
+# {conv (ConvBNReLU), conv_out (1×1, no bias)}; ``conv_out_sp{2,4,8,16}`` are STDC-Seg's detail
+# heads, which this BiSeNet does not have. ConvBNReLU and the ARM's ``conv`` are {conv, bn}.
+BISENET_MODULES = {
+    "global_context": "cp.conv_avg", "arm32": "cp.arm32", "arm16": "cp.arm16",
+    "refine32": "cp.conv_head32", "refine16": "cp.conv_head16", "ffm": "ffm",
+    "out": "conv_out", "out_ctx16": "conv_out32", "out_ctx8": "conv_out16",
+}
+BISENET_LEAVES = {"conv_atten": "conv_atten", "se_reduce": "conv1", "se_expand": "conv2",
+                  "classifier": "conv_out"}
+
+
+def stdcseg_bisenet_naming(stage_sizes: Sequence[int] = (2, 2, 2)) -> Naming:
+    """Whole ``segmenters.BiSeNet`` leaf → STDC-Seg BiSeNet state_dict key."""
+    backbone = prefixed(stdc_naming(stage_sizes), "cp.backbone.")
+
+    def naming(path: tuple[str, ...]) -> Source | None:
+        if path[0] == "backbone":
+            return backbone(path[1:])
+        if path[0] != "head" or path[1] not in BISENET_MODULES:
+            return None
+        p, rest = BISENET_MODULES[path[1]], "/".join(path[2:])
+        if m := re.fullmatch(r"(conv|bn)/(\w+)", rest):  # a ConvBN module itself
+            module, leaf = m.groups()
+            return _conv_or_bn(f"{p}.conv", f"{p}.bn", module, leaf)
+        if m := re.fullmatch(r"conv/(conv|bn)/(\w+)", rest):  # ARM / FFM / output ConvBN
+            module, leaf = m.groups()
+            inner = f"{p}.convblk" if path[1] == "ffm" else f"{p}.conv"
+            return _conv_or_bn(f"{inner}.conv", f"{inner}.bn", module, leaf)
+        if m := re.fullmatch(r"bn_atten/(\w+)", rest):
+            return _conv_or_bn("", f"{p}.bn_atten", "bn", m.group(1))
+        if m := re.fullmatch(r"(\w+)/kernel", rest):
+            if m.group(1) in BISENET_LEAVES:
+                return Source(f"{p}.{BISENET_LEAVES[m.group(1)]}.weight", conv_kernel)
+        return None
+    return naming
+
+
+def import_stdcseg_bisenet(state_dict: Mapping[str, np.ndarray], variables: Mapping[str, Any],
+                           stage_sizes: Sequence[int] = (2, 2, 2)) -> dict:
+    """A whole STDC-Seg-layout BiSeNet (e.g. a trained real-time DA model) into ``BiSeNet``."""
+    ignore = tuple(f"cp.backbone.{p}" for p in STDC_IGNORED) + ("conv_out_sp",)
+    return import_state_dict(state_dict, variables, stdcseg_bisenet_naming(stage_sizes), (),
+                             ignore_prefixes=ignore)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading checkpoint files.
+
+
+def _import_torch():
+    try:
+        import torch  # noqa: PLC0415 (optional dependency, imported only to read .pth files)
+    except ImportError as err:
+        raise ImportError(
+            "Reading PyTorch .pth/.tar checkpoints needs torch, an optional dependency of "
+            "synseg_jax: install a CPU build (e.g. `pip install torch`), or convert the file to "
+            ".safetensors elsewhere and import that.") from err
+    return torch
+
+
+def _to_numpy(value: Any) -> np.ndarray:
+    torch = _import_torch()
+    if not isinstance(value, torch.Tensor):
+        return np.asarray(value)
+    value = value.detach().cpu()
+    if value.is_floating_point() and value.dtype not in (torch.float32, torch.float64):
+        value = value.float()  # bfloat16 / float16 → float32 (numpy has no bfloat16)
+    return value.numpy()
+
+
+def load_tensor_file(path: str, key: str | None = None) -> dict[str, np.ndarray]:
+    """A checkpoint file as ``{name: numpy array}``.
+
+    ``.safetensors`` is read with the ``safetensors`` package's numpy loader. Anything else is a
+    PyTorch pickle, read with ``torch.load(..., map_location="cpu", weights_only=True)``: tensors
+    and plain containers only, never arbitrary objects. ``key`` selects a sub-dict (e.g.
+    "state_dict" in the STDC ``.tar``).
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"No checkpoint file at {path}")
+    if str(path).endswith(".safetensors"):
+        try:
+            from safetensors.numpy import load_file  # noqa: PLC0415
+        except ImportError as err:
+            raise ImportError("Reading .safetensors files needs the `safetensors` package") from err
+        loaded: Any = load_file(str(path))
+    else:
+        torch = _import_torch()
+        try:
+            loaded = torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception as err:  # torch raises UnpicklingError subclasses, versions differ
+            raise ValueError(
+                f"Could not read {path} as a weights-only PyTorch checkpoint (tensors and plain "
+                f"containers only; arbitrary pickled objects are refused): {err}") from err
+    if key is not None:
+        if not isinstance(loaded, Mapping) or key not in loaded:
+            found = sorted(loaded)[:10] if isinstance(loaded, Mapping) else type(loaded).__name__
+            raise ValueError(f"{path} has no {key!r} entry (top level: {found})")
+        loaded = loaded[key]
+    if not isinstance(loaded, Mapping):
+        raise ValueError(f"{path} does not hold a state_dict (got {type(loaded).__name__})")
+    out = {}
+    for name, value in loaded.items():
+        if isinstance(value, Mapping):
+            raise ValueError(f"{path}: entry {name!r} is a nested dict; pass its name as `key`")
+        out[str(name)] = np.asarray(value) if isinstance(value, np.ndarray) else _to_numpy(value)
+    return out

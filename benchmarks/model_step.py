@@ -1,0 +1,336 @@
+"""Seconds per jitted training step (forward + backward + SGD update) of the full-size segmenters
+at their papers' training sizes, and the step's memory as XLA plans it; optionally a PyTorch
+DeepLabV2-ResNet101 step (our own module) at the same size, side by side.
+
+    python benchmarks/model_step.py                                   # every model, 3 repeats
+    python benchmarks/model_step.py --models=bisenet_stdc813 --repeats=2
+    python benchmarks/model_step.py --models=deeplabv2_r101,torch_deeplabv2_r101 --size=321x321
+    python benchmarks/model_step.py --compile-only                    # memory only, no steps
+
+Training sizes (``MODELS``; REFERENCE.md "Optimisation defaults" and the papers' code):
+    deeplabv2_r101          720x1280, batch 1   AdaptSegNet: GTA5 source images at 1280x720,
+                                                batch 1 (its Cityscapes target side is 1024x512)
+    deeplabv2_r50_tsg       640x640,  batch 1   TSG/SSI generalisation: ResNet-50, 640x640 crops
+    deeplab_largefov_vgg16  321x321,  batch 10  ROAD: 5 source + 5 target patches of 321x321
+    pspnet_r101             321x321,  batch 10  ROAD (its PSPNet-R101 variant)
+    fcn8s_vgg16             512x1024, batch 1   semantic translation paper: REFERENCE.md gives no
+                                                size; assumed Cityscapes' 1024x512 at batch 1
+    bisenet_stdc813         512x1024, batch 8   real-time DA: 1024x512 (Cityscapes size), batch 8
+    torch_deeplabv2_r101    = deeplabv2_r101    PyTorch CPU, our own Caffe-style ResNet-101 + ASPP
+
+The step: logits bilinearly upsampled to the label size, softmax cross-entropy (plus the aux
+outputs: BiSeNet's two at weight 1, as its reference code sums them), SGD momentum 0.9 with weight
+decay 5e-4, BatchNorm in train mode (batch statistics, running averages updated, as the reference
+code runs), dropout on. Parameters are random (values do not matter for time). Memory is
+``jax.jit(step).lower(...).compile().memory_analysis()``: arguments, outputs (donated state
+aliases them), and the temporaries XLA plans; "peak" = arguments + outputs + temporaries −
+aliased. For PyTorch, the step runs in a child process and "peak" is its peak RSS
+(VmHWM) minus the RSS after importing torch, i.e. model, gradients, momentum and
+activations plus allocator slack, so the two are comparable only roughly.
+
+``--size`` / ``--batch`` override every model's size, for a quick run on a small machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    segmenter: str
+    kwargs: dict
+    size: tuple[int, int]  # (H, W)
+    batch: int
+    source: str
+
+
+MODELS = {
+    "deeplabv2_r101": ModelSpec("deeplabv2", {}, (720, 1280), 1,
+                                "AdaptSegNet GTA5 1280x720, batch 1"),
+    "deeplabv2_r50_tsg": ModelSpec("deeplabv2", dict(depth=50, style="torchvision"), (640, 640),
+                                   1, "TSG/SSI 640x640 crops, batch 1"),
+    "deeplab_largefov_vgg16": ModelSpec("deeplab_largefov_vgg16", {}, (321, 321), 10,
+                                        "ROAD 5+5 patches 321x321"),
+    "pspnet_r101": ModelSpec("pspnet_r101", {}, (321, 321), 10, "ROAD 5+5 patches 321x321"),
+    "fcn8s_vgg16": ModelSpec("fcn8s_vgg16", {}, (512, 1024), 1,
+                             "assumed 1024x512, batch 1 (no size in REFERENCE.md)"),
+    "bisenet_stdc813": ModelSpec("bisenet_stdc813", {}, (512, 1024), 8,
+                                 "real-time DA 1024x512, batch 8"),
+    "torch_deeplabv2_r101": ModelSpec("deeplabv2", {}, (720, 1280), 1,
+                                      "as deeplabv2_r101, PyTorch CPU"),
+}
+NUM_CLASSES = 19
+MIB = 2 ** 20
+
+
+# ---------------------------------------------------------------------------------------------
+# JAX
+
+
+def host_variables(model, shape, seed=0):
+    """Random variables from numpy with the model's shapes (skips compiling the initialisers)."""
+    import jax
+    import jax.numpy as jnp
+
+    abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(shape), train=False))
+    rng = np.random.default_rng(seed)
+
+    def fill(path, leaf):
+        name = str(getattr(path[-1], "key", path[-1]))
+        if name == "kernel":
+            std = np.sqrt(2.0 / np.prod(leaf.shape[:-1]))
+            return rng.normal(0.0, std, leaf.shape).astype(leaf.dtype)
+        return np.full(leaf.shape, 1.0 if name in ("scale", "var") else 0.0, leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(fill, abstract)
+
+
+def jax_step(name: str, spec: ModelSpec, size, batch, repeats: int, compile_only: bool) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from synseg_jax import losses
+    from synseg_jax.models import segmenters
+
+    model = segmenters.build_segmenter(spec.segmenter, NUM_CLASSES, bn_mode="train",
+                                       **spec.kwargs)
+    h, w = size
+    variables = host_variables(model, (1, h, w, 3))
+    params = variables.pop("params")
+    batch_stats = variables.get("batch_stats", {})
+    tx = optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(2.5e-4, momentum=0.9))
+    opt_state = tx.init(params)
+    rng = np.random.default_rng(1)
+    images = rng.normal(size=(batch, h, w, 3)).astype(np.float32)
+    labels = rng.integers(0, NUM_CLASSES, size=(batch, h, w)).astype(np.int32)
+
+    def loss_fn(params, batch_stats, images, labels, key):
+        variables = {"params": params}
+        if batch_stats:
+            variables["batch_stats"] = batch_stats
+        out, updated = model.apply(variables, images, train=True, rngs={"dropout": key},
+                                   mutable=["batch_stats"])
+        loss = losses.cross_entropy(out["logits"], labels)
+        for aux in ("aux_logits", "aux_logits2"):
+            if aux in out:
+                loss = loss + losses.cross_entropy(out[aux], labels)
+        return loss, updated.get("batch_stats", batch_stats)
+
+    def step(params, opt_state, batch_stats, images, labels, key):
+        (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            params, batch_stats, images, labels, key)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, batch_stats, loss
+
+    key = jax.random.key(0)
+    t0 = time.perf_counter()
+    lowered = jax.jit(step, donate_argnums=(0, 1, 2)).lower(
+        params, opt_state, batch_stats, images, labels, key)
+    compiled = lowered.compile()
+    compile_s = time.perf_counter() - t0
+    mem = compiled.memory_analysis()
+    row = dict(model=name, size=f"{h}x{w}", batch=batch, source=spec.source,
+               params_m=sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params)) / 1e6,
+               compile_s=compile_s)
+    if mem is not None:
+        args, out = mem.argument_size_in_bytes, mem.output_size_in_bytes
+        temp, alias = mem.temp_size_in_bytes, mem.alias_size_in_bytes
+        row.update(args_mib=args / MIB, temp_mib=temp / MIB,
+                   peak_mib=(args + out + temp - alias) / MIB)
+    if compile_only:
+        return row
+    state = jax.device_put((params, opt_state, batch_stats))
+    times = []
+    for i in range(repeats + 1):  # the first call is a warm-up
+        t0 = time.perf_counter()
+        *state, loss = compiled(*state, images, labels, jax.random.fold_in(key, i))
+        jax.block_until_ready(loss)
+        if i:
+            times.append(time.perf_counter() - t0)
+    row.update(step_s=statistics.median(times), loss=float(loss))
+    return row
+
+
+# ---------------------------------------------------------------------------------------------
+# PyTorch DeepLabV2-ResNet101 (Caffe layout: stride on the first 1×1, ceil-mode pool, layer3/4
+# dilated 2/4, ASPP rates 6/12/18/24 summed). Run in a child process: its own peak RSS.
+
+
+def peak_rss_kib() -> int:
+    """This process's peak resident set (KiB). /proc's VmHWM starts afresh at exec, whereas
+    getrusage's ru_maxrss keeps the high-water mark of the parent the process was forked from."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+
+
+def torch_worker(h: int, w: int, batch: int, repeats: int) -> dict:
+    import torch
+    from torch import nn
+    from torch.nn import functional as F
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    base_rss = peak_rss_kib()
+
+    class Block(nn.Module):
+        def __init__(self, inplanes, planes, stride, dilation, project):
+            super().__init__()
+            self.conv1 = nn.Conv2d(inplanes, planes, 1, stride, bias=False)
+            self.bn1 = nn.BatchNorm2d(planes)
+            self.conv2 = nn.Conv2d(planes, planes, 3, 1, dilation, dilation, bias=False)
+            self.bn2 = nn.BatchNorm2d(planes)
+            self.conv3 = nn.Conv2d(planes, 4 * planes, 1, bias=False)
+            self.bn3 = nn.BatchNorm2d(4 * planes)
+            self.downsample = nn.Sequential(
+                nn.Conv2d(inplanes, 4 * planes, 1, stride, bias=False),
+                nn.BatchNorm2d(4 * planes)) if project else None
+
+        def forward(self, x):
+            y = F.relu(self.bn1(self.conv1(x)))
+            y = F.relu(self.bn2(self.conv2(y)))
+            y = self.bn3(self.conv3(y))
+            return F.relu(y + (x if self.downsample is None else self.downsample(x)))
+
+    class DeepLabV2(nn.Module):
+        def __init__(self, num_classes):
+            super().__init__()
+            self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
+            self.bn1 = nn.BatchNorm2d(64)
+            self.pool = nn.MaxPool2d(3, 2, 1, ceil_mode=True)
+            blocks, inplanes = [], 64
+            for s, (n, stride, dilation) in enumerate(
+                    zip((3, 4, 23, 3), (1, 2, 1, 1), (1, 1, 2, 4))):
+                planes = 64 * 2 ** s
+                for b in range(n):
+                    blocks.append(Block(inplanes, planes, stride if b == 0 else 1, dilation,
+                                        b == 0))
+                    inplanes = 4 * planes
+            self.blocks = nn.Sequential(*blocks)
+            self.aspp = nn.ModuleList(nn.Conv2d(2048, num_classes, 3, 1, r, r)
+                                      for r in (6, 12, 18, 24))
+
+        def forward(self, x):
+            x = self.blocks(self.pool(F.relu(self.bn1(self.conv1(x)))))
+            return sum(conv(x) for conv in self.aspp)
+
+    model = DeepLabV2(NUM_CLASSES).train()
+    opt = torch.optim.SGD(model.parameters(), lr=2.5e-4, momentum=0.9, weight_decay=5e-4)
+    images = torch.randn(batch, 3, h, w)
+    labels = torch.randint(0, NUM_CLASSES, (batch, h, w))
+    times = []
+    for i in range(repeats + 1):
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        logits = F.interpolate(model(images), (h, w), mode="bilinear", align_corners=False)
+        loss = F.cross_entropy(logits, labels, ignore_index=255)
+        loss.backward()
+        opt.step()
+        if i:
+            times.append(time.perf_counter() - t0)
+    peak = peak_rss_kib()
+    return dict(step_s=statistics.median(times), loss=float(loss),
+                params_m=sum(p.numel() for p in model.parameters()) / 1e6,
+                peak_mib=(peak - base_rss) / 1024, torch=torch.__version__)
+
+
+def torch_step(name: str, spec: ModelSpec, size, batch, repeats: int) -> dict:
+    h, w = size
+    row = dict(model=name, size=f"{h}x{w}", batch=batch, source=spec.source)
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return dict(row, note="torch not installed")
+    result = subprocess.run(
+        [sys.executable, __file__, "--torch-worker", f"{h},{w},{batch},{repeats}"],
+        capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        return dict(row, note=f"failed: {result.stderr.strip().splitlines()[-1:]}")
+    return dict(row, **json.loads(result.stdout.strip().splitlines()[-1]))
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def fmt(value, digits=2):
+    if value is None:
+        return ""
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def markdown(rows: list[dict]) -> str:
+    cols = [("model", "model"), ("size", "H×W"), ("batch", "batch"), ("params_m", "params (M)"),
+            ("compile_s", "compile (s)"), ("step_s", "step (s)"), ("args_mib", "XLA args (MiB)"),
+            ("temp_mib", "XLA temp (MiB)"), ("peak_mib", "peak (MiB)"), ("source", "size from")]
+    lines = ["| " + " | ".join(title for _, title in cols) + " |",
+             "|" + "---|" * len(cols)]
+    for row in rows:
+        cells = [fmt(row.get(key)) for key, _ in cols]
+        if row.get("note"):
+            cells[-1] += f" ({row['note']})"
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default=",".join(MODELS),
+                        help=f"comma-separated subset of: {', '.join(MODELS)}")
+    parser.add_argument("--repeats", type=int, default=3, help="timed steps after one warm-up")
+    parser.add_argument("--size", default=None, help="HxW for every model (default: its own)")
+    parser.add_argument("--batch", type=int, default=None, help="batch for every model")
+    parser.add_argument("--compile-only", action="store_true",
+                        help="XLA memory analysis only, no steps (PyTorch rows skipped)")
+    parser.add_argument("--torch-worker", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.torch_worker:
+        h, w, b, r = map(int, args.torch_worker.split(","))
+        print(json.dumps(torch_worker(h, w, b, r)))
+        return
+
+    import jax
+
+    names = [n.strip() for n in args.models.split(",") if n.strip()]
+    unknown = [n for n in names if n not in MODELS]
+    if unknown:
+        parser.error(f"unknown models {unknown}; choose from {', '.join(MODELS)}")
+    size = tuple(int(v) for v in args.size.lower().split("x")) if args.size else None
+    rows = []
+    for name in names:
+        spec = MODELS[name]
+        s, b = size or spec.size, args.batch or spec.batch
+        if (s, b) != (spec.size, spec.batch):
+            spec = dataclasses.replace(spec, source=f"override of {spec.size[0]}x{spec.size[1]} "
+                                                    f"batch {spec.batch}: {spec.source}")
+        print(f"{name}: {s[0]}x{s[1]} batch {b} ...", file=sys.stderr, flush=True)
+        if name.startswith("torch_"):
+            if not args.compile_only:
+                rows.append(torch_step(name, spec, s, b, args.repeats))
+        else:
+            rows.append(jax_step(name, spec, s, b, args.repeats, args.compile_only))
+    print(f"machine: {platform.platform()}, {platform.processor() or platform.machine()}, "
+          f"cpu_count={os.cpu_count()}, jax {jax.__version__} on {jax.devices()[0].platform}, "
+          f"repeats={args.repeats} (median)\n")
+    print(markdown(rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,279 @@
+"""Convert published ImageNet checkpoints into Flax variables that ``model.init_weights`` loads.
+
+    python -m synseg_jax.import_weights --format=torchvision_resnet101 \\
+        --src=resnet101-63fe2227.pth --dst=/data/weights/r101_torchvision
+    python -m synseg_jax.import_weights --format=deeplab_resnet101_init \\
+        --src=DeepLab_resnet_pretrained_init-f81d91e8.pth --dst=/data/weights/deeplab_init
+    python -m synseg_jax.import_weights --format=stdc813 --src=STDCNet813M_73.91.tar \\
+        --dst=/data/weights/stdc813
+
+Formats (``FORMATS``): torchvision_resnet50 / torchvision_resnet101 / torchvision_vgg16 (``.pth``),
+deeplab_resnet101_init (DeepLabV2's Caffe-converted ResNet-101, ``Scale.*`` names), stdc813
+(``.tar`` with the weights under "state_dict") and timm_safetensors (a timm ``resnet50`` /
+``resnet101`` ``model.safetensors``). ``.pth``/``.tar`` need torch (optional, weights-only load);
+``.safetensors`` need the ``safetensors`` package.
+
+The output (written with ``synseg_jax.checkpoint.save_variables``) is the variables tree
+``{"params": …, "batch_stats": …}`` of the ``--scope`` subtree of ``--model`` (default
+``backbone``); the command prints the config overrides that load it. ``--scope=`` (empty) writes
+the whole model instead, e.g. a DeepLabV2 with the init's ASPP (its class count is read from the
+checkpoint); loading a whole-model tree needs a config whose ``model.init_scope`` names the whole
+model. Leaves the checkpoint has no counterpart for (DeepLab-LargeFOV's subsampled 1024-channel
+fc6/fc7) get a fresh He-normal / zero initialisation, as the model gives them, and are listed.
+Any key or shape that does not fit fails with the list of the first mismatches.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import zlib
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from synseg_jax import checkpoint
+from synseg_jax.models import layers, segmenters, weights
+
+
+@dataclasses.dataclass(frozen=True)
+class Format:
+    """A published checkpoint layout: the model it fits and how to import it."""
+
+    description: str
+    default_model: str
+    models: tuple[str, ...]
+    model_kwargs: dict  # fixed constructor arguments of the Flax model (style, depth …)
+    state_dict_key: str | None = None  # sub-dict holding the weights ("state_dict" in the tar)
+    default_stage_sizes: tuple[int, ...] | None = None
+
+
+RESNET_MODELS = ("deeplabv2", "pspnet_r101")
+FORMATS = {
+    "torchvision_resnet50": Format(
+        "torchvision resnet50 .pth (e.g. resnet50-0676ba61.pth / resnet50-11ad3fa6.pth)",
+        "pspnet_r101", RESNET_MODELS, dict(style="torchvision", depth=50),
+        default_stage_sizes=(3, 4, 6, 3)),
+    "torchvision_resnet101": Format(
+        "torchvision resnet101 .pth (e.g. resnet101-63fe2227.pth / resnet101-cd907fc2.pth)",
+        "pspnet_r101", RESNET_MODELS, dict(style="torchvision", depth=101),
+        default_stage_sizes=(3, 4, 23, 3)),
+    "timm_safetensors": Format(
+        "timm resnet50 / resnet101 model.safetensors (torchvision names; depth read from the file)",
+        "pspnet_r101", RESNET_MODELS, dict(style="torchvision")),
+    "deeplab_resnet101_init": Format(
+        "DeepLabV2 ImageNet+COCO init DeepLab_resnet_pretrained_init-f81d91e8.pth (Scale.* names)",
+        "deeplabv2", ("deeplabv2",), dict(style="caffe", depth=101),
+        default_stage_sizes=(3, 4, 23, 3)),
+    "torchvision_vgg16": Format(
+        "torchvision vgg16 .pth (vgg16-397923af.pth); fc6/fc7 imported for fcn8s_vgg16 only",
+        "fcn8s_vgg16", ("fcn8s_vgg16", "deeplab_largefov_vgg16"), {},
+        default_stage_sizes=(2, 2, 3, 3, 3)),
+    "stdc813": Format(
+        "STDC-Seg ImageNet STDCNet813M_73.91.tar (weights under 'state_dict')",
+        "bisenet_stdc813", ("bisenet_stdc813",), {}, state_dict_key="state_dict",
+        default_stage_sizes=(2, 2, 2)),
+}
+
+RESNET_DEPTHS = {(3, 4, 6, 3): 50, (3, 4, 23, 3): 101}
+
+# Input size used to trace the model's variable shapes (no compute happens at this size).
+TRACE_SHAPE = (1, 65, 65, 3)
+
+
+def _parse_sizes(text: str) -> tuple[int, ...] | None:
+    text = text.strip().strip("()")
+    return tuple(int(t) for t in text.split(",") if t.strip()) or None
+
+
+def _load_state_dict(fmt: Format, src: str) -> dict[str, np.ndarray]:
+    state_dict = weights.load_tensor_file(src, fmt.state_dict_key)
+    # Saved from nn.DataParallel: every key starts with "module.".
+    return weights.strip_prefix(state_dict, weights.detect_prefix(state_dict, ("module.",)))
+
+
+def _stage_sizes(fmt_name: str, fmt: Format, state_dict: dict, override) -> tuple[int, ...]:
+    if override:
+        return tuple(override)
+    if fmt_name in ("torchvision_vgg16", "stdc813"):
+        return fmt.default_stage_sizes
+    prefix = weights.detect_prefix(state_dict, (weights.DEEPLAB_PREFIX,))
+    found = weights.resnet_stage_sizes(state_dict, prefix)
+    if fmt.default_stage_sizes is None:  # timm: depth from the file
+        if found not in ((3, 4, 6, 3), (3, 4, 23, 3)):
+            raise ValueError(f"{fmt_name}: the file's ResNet has blocks per stage {found}, "
+                             "neither ResNet-50 (3, 4, 6, 3) nor -101 (3, 4, 23, 3); pass "
+                             "--stage-sizes to import it anyway")
+        return found
+    if found and found != fmt.default_stage_sizes:
+        raise ValueError(f"{fmt_name} expects blocks per stage {fmt.default_stage_sizes}, but "
+                         f"the file has {found}: wrong --format? (or pass --stage-sizes)")
+    return fmt.default_stage_sizes
+
+
+def _num_classes(fmt_name: str, state_dict: dict, scope: tuple[str, ...],
+                 override: int | None) -> int:
+    if override:
+        return override
+    if fmt_name == "deeplab_resnet101_init" and not scope:
+        prefix = weights.detect_prefix(state_dict, (weights.DEEPLAB_PREFIX,))
+        key = f"{prefix}layer5.conv2d_list.0.weight"
+        if key not in state_dict:
+            raise ValueError(f"--scope= (whole DeepLabV2) needs the ASPP, but {key} is missing")
+        return int(state_dict[key].shape[0])
+    return 19  # only the head's shape depends on it, and the head is not written
+
+
+def _importer(fmt_name: str, model_name: str, stage_sizes, scope: tuple[str, ...]
+              ) -> Callable[[dict, Any], dict]:
+    if fmt_name.startswith("torchvision_resnet"):
+        return lambda sd, v: weights.import_torchvision_resnet(sd, v, scope)
+    if fmt_name == "timm_safetensors":
+        return lambda sd, v: weights.import_timm_resnet(sd, v, scope)
+    if fmt_name == "deeplab_resnet101_init":
+        return lambda sd, v: weights.import_deeplab_resnet(sd, v, scope)
+    if fmt_name == "torchvision_vgg16":
+        variant = "fcn" if model_name == "fcn8s_vgg16" else "largefov"
+        return lambda sd, v: weights.import_torchvision_vgg16(sd, v, variant, stage_sizes, scope)
+    if fmt_name == "stdc813":
+        return lambda sd, v: weights.import_stdc(sd, v, stage_sizes, scope)
+    raise ValueError(f"unknown format {fmt_name!r}")
+
+
+def _subtree(tree: dict, scope: tuple[str, ...]) -> dict:
+    for key in scope:
+        tree = tree[key]
+    return tree
+
+
+def _path(key_path) -> str:
+    return "/".join(str(getattr(k, "key", k)) for k in key_path)
+
+
+def _initialise_missing(tree: dict, seed: int) -> dict:
+    """Concrete values for the leaves the checkpoint lacks (still ``ShapeDtypeStruct``s), drawn as
+    the models initialise such layers: conv kernels He-normal (``layers.conv_init``, what
+    ``vgg.VGG`` uses for fc6/fc7), biases and BN shifts/means 0, BN scales/variances 1.
+
+    Cheaper than ``model.init``, whose compilation (every initialiser of the network) takes
+    tens of seconds on a CPU for a network that only needs two layers filled.
+    """
+    key = jax.random.key(seed)
+
+    def fill(key_path, leaf):
+        if not isinstance(leaf, jax.ShapeDtypeStruct):
+            return leaf
+        name = str(getattr(key_path[-1], "key", key_path[-1]))
+        if name == "kernel":
+            return layers.conv_init(jax.random.fold_in(key, zlib.crc32(_path(key_path).encode())),
+                                    leaf.shape, leaf.dtype)
+        return jnp.full(leaf.shape, 1.0 if name in ("scale", "var") else 0.0, leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(fill, tree)
+
+
+def convert(fmt_name: str, src: str, model_name: str | None = None, width: float = 1.0,
+            stage_sizes: Sequence[int] | None = None, scope: Sequence[str] = ("backbone",),
+            num_classes: int | None = None, aspp_two_branch: bool = False, seed: int = 0
+            ) -> tuple[dict, dict, list[str]]:
+    """Reads ``src`` and returns (variables of ``scope``, the model's config fields, the paths of
+    leaves that kept their initialisation)."""
+    if fmt_name not in FORMATS:
+        raise ValueError(f"unknown --format {fmt_name!r}; one of {', '.join(FORMATS)}")
+    fmt = FORMATS[fmt_name]
+    model_name = model_name or fmt.default_model
+    if model_name not in fmt.models:
+        raise ValueError(f"--model={model_name} does not fit {fmt_name}; one of {fmt.models}")
+    scope = tuple(scope)
+    if scope not in ((), ("backbone",)):
+        raise ValueError(f"--scope must be 'backbone' or '' (whole model), got {'/'.join(scope)}")
+    if not scope and fmt_name != "deeplab_resnet101_init":
+        raise ValueError(f"{fmt_name} holds no segmentation head: import the backbone only")
+
+    state_dict = _load_state_dict(fmt, src)
+    sizes = _stage_sizes(fmt_name, fmt, state_dict, stage_sizes)
+    kwargs = dict(fmt.model_kwargs, width=width, stage_sizes=sizes)
+    kwargs.pop("depth", None)
+    if model_name == "deeplabv2":
+        kwargs["aspp_two_branch"] = aspp_two_branch
+    classes = _num_classes(fmt_name, state_dict, scope, num_classes)
+    model = segmenters.build_segmenter(model_name, classes, **kwargs)
+    abstract = jax.eval_shape(
+        lambda: model.init(jax.random.key(seed), jnp.zeros(TRACE_SHAPE), train=False))
+    imported = _importer(fmt_name, model_name, sizes, scope)(state_dict, abstract)
+    imported = {c: _subtree(v, scope) for c, v in imported.items() if not scope or scope[0] in v}
+
+    kept = [_path(p) for p, leaf in jax.tree_util.tree_flatten_with_path(imported)[0]
+            if isinstance(leaf, jax.ShapeDtypeStruct)]
+    if kept:
+        imported = _initialise_missing(imported, seed)
+    variables = jax.tree_util.tree_map(np.asarray, imported)
+    config: dict[str, Any] = dict(name=model_name, **{k: v for k, v in fmt.model_kwargs.items()
+                                                    if k != "depth"})
+    depth = RESNET_DEPTHS.get(tuple(sizes)) if model_name in RESNET_MODELS else None
+    if depth:
+        config["depth"] = depth
+    elif tuple(sizes) != fmt.default_stage_sizes:
+        config["stage_sizes"] = tuple(sizes)
+    config["width"] = width
+    if not scope:
+        config["num_classes"] = classes
+    return variables, config, kept
+
+
+def _flag_value(value: Any) -> str:
+    if isinstance(value, tuple):
+        return "'(" + ",".join(map(str, value)) + ")'"
+    return str(value) if str(value) else "''"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m synseg_jax.import_weights", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="formats:\n" + "\n".join(f"  {k:24s} {f.description}" for k, f in FORMATS.items()))
+    parser.add_argument("--format", required=True, choices=sorted(FORMATS))
+    parser.add_argument("--src", required=True, help="the published checkpoint file")
+    parser.add_argument("--dst", required=True, help="output directory (save_variables)")
+    parser.add_argument("--model", default=None,
+                        help="segmenter the weights are for (default: the format's)")
+    parser.add_argument("--width", type=float, default=1.0, help="channel multiplier (1.0)")
+    parser.add_argument("--stage-sizes", type=_parse_sizes, default=None,
+                        help="blocks per stage, e.g. 3,4,23,3 (default: the format's)")
+    parser.add_argument("--scope", default="backbone",
+                        help="subtree to write: 'backbone' (default) or '' for the whole model")
+    parser.add_argument("--num-classes", type=int, default=None,
+                        help="whole-model import: class count (default: from the checkpoint)")
+    parser.add_argument("--aspp-two-branch", action="store_true",
+                        help="whole DeepLabV2 with the two-branch ASPP (rates 6, 12)")
+    args = parser.parse_args(argv)
+
+    scope = tuple(p for p in args.scope.split("/") if p)
+    variables, config, kept = convert(args.format, args.src, args.model, args.width,
+                                      args.stage_sizes, scope, args.num_classes,
+                                      args.aspp_two_branch)
+    checkpoint.save_variables(args.dst, variables)
+    count = sum(int(np.prod(np.shape(x))) for x in jax.tree.leaves(variables))
+    print(f"Wrote {count:,} values ({', '.join(sorted(variables))}) to {args.dst}")
+    if kept:
+        print(f"{len(kept)} leaves are not in the checkpoint and are freshly initialised: "
+              + ", ".join(kept[:8]) + (" …" if len(kept) > 8 else ""))
+    fields = dict(init_weights=args.dst, init_scope="/".join(scope), **config)
+    flags = [f"--config.model.{k}={_flag_value(v)}" for k, v in fields.items()]
+    print("Load them with (main.py flags; the same key=value pairs work as config overrides):\n  "
+          + " ".join(flags))
+    if not scope:
+        print("Note: this is the whole model; the config's model.init_scope must name the whole "
+              "model for it to load.")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except (ValueError, ImportError, FileNotFoundError) as error:
+        print(f"import_weights: error: {error}", file=sys.stderr)
+        sys.exit(1)
