@@ -8,6 +8,7 @@ argmaxed and counted into one confusion matrix over the whole split. Only `Metho
 from __future__ import annotations
 
 import json
+import re
 import logging
 import os
 from typing import Callable, Iterable
@@ -47,7 +48,9 @@ def write_results(workdir: str, name: str, step: int,
                   scores: metrics.SegmentationScores) -> tuple[str, str]:
     """Writes eval/<name>_<step>.json and .md (process 0 only); returns both paths."""
     directory = os.path.join(workdir, "eval")
-    stem = os.path.join(directory, f"{name.replace('/', '_')}_{step}")
+    # "minicity/sim[90%:]" -> "minicity_sim_90_": split names may carry TFDS slicing.
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+    stem = os.path.join(directory, f"{safe}_{step}")
     if jax.process_index() == 0:
         os.makedirs(directory, exist_ok=True)
         with open(stem + ".json", "w") as f:

@@ -99,7 +99,8 @@ def test_unknown_split_names_the_valid_ones():
 
 
 def test_every_class_appears_in_sim(sim_counts):
-    missing = [labels.CLASS_NAMES[c] for c in range(labels.NUM_CLASSES) if sim_counts[:, c].sum() == 0]
+    missing = [labels.CLASS_NAMES[c] for c in range(labels.NUM_CLASSES)
+               if sim_counts[:, c].sum() == 0]
     assert not missing
 
 
@@ -151,12 +152,42 @@ def _class_luminance(split, n, classes):
 
 def test_colour_alone_does_not_transfer():
     """Several per-class brightness orderings flip between the sim and real styles."""
-    classes = (C.ROAD, C.BUILDING, C.POLE, C.VEGETATION, C.SKY, C.SIDEWALK)
+    classes = (C.ROAD, C.BUILDING, C.POLE, C.VEGETATION, C.TERRAIN)
     sim = dict(zip(classes, _class_luminance("sim", 40, classes)))
     real = dict(zip(classes, _class_luminance("real_val", 40, classes)))
     assert sim[C.BUILDING] > sim[C.ROAD] and real[C.BUILDING] < real[C.ROAD]
     assert sim[C.POLE] < sim[C.VEGETATION] and real[C.POLE] > real[C.VEGETATION]
-    assert sim[C.SIDEWALK] > sim[C.SKY] and real[C.SIDEWALK] < real[C.SKY]
+    assert sim[C.TERRAIN] > sim[C.ROAD] and real[C.TERRAIN] < real[C.ROAD]
+
+
+def _pixels(split, n, step=4):
+    xs, ys = [], []
+    for i in range(n):
+        ex = minicity.render_example(split, i)
+        xs.append(ex["image"][::step, ::step].reshape(-1, 3).astype(np.float64))
+        ys.append(ex["label"][::step, ::step].ravel())
+    return np.concatenate(xs), np.concatenate(ys)
+
+
+def _nearest_mean_miou(train_split, test_x, test_y):
+    x, y = _pixels(train_split, 30)
+    means = np.stack([x[y == c].mean(0) if (y == c).any() else np.full(3, 1e6)
+                      for c in range(labels.NUM_CLASSES)])
+    pred = ((test_x[:, None, :] - means[None]) ** 2).sum(-1).argmin(1)
+    conf = np.bincount(test_y * labels.NUM_CLASSES + pred,
+                       minlength=labels.NUM_CLASSES ** 2).reshape(labels.NUM_CLASSES, -1)
+    tp = np.diag(conf)
+    iou = tp / np.maximum(conf.sum(0) + conf.sum(1) - tp, 1)
+    return iou[conf.sum(1) > 0].mean()
+
+
+def test_a_colour_lookup_trained_on_sim_fails_on_real():
+    """The per-class colours of the two styles disagree: a nearest-class-colour classifier fit
+    on sim is far worse on real_val than one fit on real_train (the benchmark asks for <= 0.6x)."""
+    x, y = _pixels("real_val", 30)
+    from_sim = _nearest_mean_miou("sim", x, y)
+    from_real = _nearest_mean_miou("real_train", x, y)
+    assert from_sim < 0.6 * from_real, (from_sim, from_real)
 
 
 def test_real_camera_sits_lower_than_sim():
