@@ -1,11 +1,13 @@
 """Training methods: each owns its networks, losses and update rules (see methods/base.py)."""
 
 from synseg_jax.methods.classifier import Classifier
+from synseg_jax.methods.road import Road
 from synseg_jax.methods.source_only import SourceOnly
 
 METHODS = {
     "source_only": SourceOnly,
     "classifier": Classifier,
+    "road": Road,
 }
 
 

@@ -1,0 +1,134 @@
+"""ROAD's ablations (Table 1, Fig. 4, Fig. 6 of Chen et al., CVPR 2018) on the minicity demo.
+
+    python benchmarks/road_ablation.py --workdir=runs/road_ablation            # all rows, seed 0
+    python benchmarks/road_ablation.py --workdir=... --seeds=0,1,2 --rows=nonadapt,road_3x3
+    python benchmarks/road_ablation.py --workdir=... --overrides=train.steps=4,train.eval_every=0
+
+Rows: NonAdapt (both modules off), the three ways to keep real-image filters (frozen first layers,
+source distillation, target-guided distillation; all without spt, as in Fig. 4), spatial-aware
+adaptation alone on 1x1 / 2x1 / 2x2 / 3x3 regions (Fig. 6), and full ROAD (Table 1). Every row is
+`configs/road.py:demo` plus method keys, trained by `synseg_jax.recipe` (the code path of
+`python -m synseg_jax.main`), so all rows share data, seeds and the demo-pretrained backbone (made
+once per seed, before any timing starts). Wall time is the training + evaluation of one run.
+
+Each finished run leaves `road_result.json` in its workdir and is skipped when the command is run
+again. Prints the markdown table and writes it to <workdir>/road_ablation.md. The full table takes
+over an hour on a 2-core CPU (about 9 rows x ~10 minutes per seed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+from synseg_jax import recipe, train
+
+CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                      "configs", "road.py")
+
+# name: (description, dist, spt, grid, method / optim overrides)
+ROWS = {
+    "nonadapt": ("NonAdapt (source only)", "", "", "", "method.dist=False,method.spt=False"),
+    "frozen": ("frozen first layers (Fig. 4 fr)", "", "", "",
+               "method.dist=False,method.spt=False,optim.frozen_prefixes={frozen}"),
+    "source_dist": ("source distillation (Fig. 4 sd)", "source", "", "",
+                    "method.spt=False,method.dist_domain=source"),
+    "dist": ("target-guided distillation (dst)", "target", "", "", "method.spt=False"),
+    "spt_1x1": ("spatial-aware, 1x1 (global)", "", "yes", "1x1",
+                "method.dist=False,method.grid=(1,1)"),
+    "spt_2x1": ("spatial-aware, 2x1", "", "yes", "2x1", "method.dist=False,method.grid=(2,1)"),
+    "spt_2x2": ("spatial-aware, 2x2", "", "yes", "2x2", "method.dist=False,method.grid=(2,2)"),
+    "spt_3x3": ("spatial-aware, 3x3 (spt)", "", "yes", "3x3", "method.dist=False,method.grid=(3,3)"),
+    "road_3x3": ("ROAD: dst + spt 3x3", "target", "yes", "3x3", "method.grid=(3,3)"),
+}
+
+
+def frozen_prefixes(config) -> str:
+    """The stem and every block of layer1 of the config's ResNet ("the first few layers").
+
+    ``optim.under_prefixes`` compares path components whole, so layer1's blocks are named one by
+    one (``backbone/layer1_0``, ...), not as ``backbone/layer1``.
+    """
+    blocks = (tuple(config.model.stage_sizes) or (3,))[0]
+    prefixes = ["backbone/stem"] + [f"backbone/layer1_{b}" for b in range(blocks)]
+    return "(" + ",".join(f'"{p}"' for p in prefixes) + ")"
+
+
+def config_for(row: str, seed: int, data_dir: str, overrides: str):
+    probe = recipe.load_config_file(CONFIG, "demo")
+    method = ROWS[row][4].format(frozen=frozen_prefixes(probe))
+    parts = ["demo", f"seed={seed}", method]
+    if data_dir:
+        parts.append(f"data.data_dir={data_dir}")
+    if overrides:
+        parts.append(overrides)
+    return recipe.load_config_file(CONFIG, ",".join(parts))
+
+
+def run_one(row: str, seed: int, args) -> dict:
+    workdir = os.path.join(args.workdir, f"{row}_seed{seed}")
+    result_path = os.path.join(workdir, "road_result.json")
+    if os.path.exists(result_path):
+        with open(result_path) as f:
+            return json.load(f)
+    config = recipe.ensure_pretrained(config_for(row, seed, args.data_dir, args.overrides),
+                                      workdir)  # one-time pretraining, outside the timing
+    start = time.time()
+    results = train.train_and_evaluate(config, workdir)
+    wall = time.time() - start
+    key = f"{config.data.eval_dataset}/{config.data.eval_split}"
+    record = {"row": row, "seed": seed, "steps": config.train.steps,
+              "miou": 100 * results[key].miou_19, "wall_s": wall}
+    with open(result_path, "w") as f:
+        json.dump(record, f, indent=2)
+    return record
+
+
+def table(records: list[dict]) -> str:
+    lines = ["| setting | dist | spt | grid | seeds | steps | mIoU (mean ± std) | per seed | "
+             "wall time / run |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    by_row: dict[str, list[dict]] = {}
+    for r in records:
+        by_row.setdefault(r["row"], []).append(r)
+    for row, rs in by_row.items():
+        desc, dist, spt, grid, _ = ROWS[row]
+        mious = [r["miou"] for r in rs]
+        std = statistics.stdev(mious) if len(mious) > 1 else 0.0
+        walls = statistics.mean(r["wall_s"] for r in rs)
+        lines.append(
+            f"| {desc} | {dist or '-'} | {spt or '-'} | {grid or '-'} | "
+            f"{','.join(str(r['seed']) for r in rs)} | {rs[0]['steps']} | "
+            f"{statistics.mean(mious):.2f} ± {std:.2f} | "
+            f"{' / '.join(f'{m:.2f}' for m in mious)} | {walls:.0f} s |")
+    return "\n".join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--workdir", required=True, help="one sub-workdir per row and seed")
+    parser.add_argument("--rows", default=",".join(ROWS), help=f"subset of {','.join(ROWS)}")
+    parser.add_argument("--seeds", default="0", help="comma-separated seeds")
+    parser.add_argument("--data_dir", default="", help="TFDS data dir (default: config's)")
+    parser.add_argument("--overrides", default="",
+                        help="extra key=value,... for every run (e.g. train.steps=4)")
+    args = parser.parse_args()
+    rows = [r for r in args.rows.split(",") if r]
+    unknown = [r for r in rows if r not in ROWS]
+    if unknown:
+        parser.error(f"unknown rows {unknown}; valid: {list(ROWS)}")
+    seeds = [int(s) for s in args.seeds.split(",") if s]
+    records = [run_one(row, seed, args) for row in rows for seed in seeds]
+    text = ("ROAD ablations on the minicity demo (configs/road.py:demo; mIoU over 19 classes on "
+            "minicity real_val, last step)\n\n" + table(records) + "\n")
+    os.makedirs(args.workdir, exist_ok=True)
+    with open(os.path.join(args.workdir, "road_ablation.md"), "w") as f:
+        f.write(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
