@@ -25,7 +25,7 @@ from collections.abc import Callable
 import numpy as np
 import tensorflow as tf
 
-from synseg_jax.data import labels, pipeline
+from synseg_jax.data import datasets, labels, pipeline
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +34,7 @@ class Source:
     description: str
     train: pipeline.AugmentConfig
     eval_size: tuple[int, int]
+    table: np.ndarray = dataclasses.field(default_factory=lambda: labels.CITYSCAPES_TABLE)
 
 
 def synthetic_pair(rng: np.random.Generator, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
@@ -81,9 +82,18 @@ def png_source(num_images: int, directory: str, seed: int = 0) -> Source:
     return Source(ds, "PNG 1024x512 (decode_png)", train, eval_size=(256, 512))
 
 
+def minicity_source(num_images: int, split: str = "real_train") -> Source:
+    """minicity as the demo trains on it: TFDS shards in the default data dir (built if missing)."""
+    opened = datasets.open_split("minicity", split)
+    train = pipeline.AugmentConfig(resize=(128, 256), scale_range=(0.75, 1.25), crop=(64, 128))
+    return Source(opened.dataset.take(num_images), f"minicity {split} 128x256 (TFDS)", train,
+                  eval_size=(128, 256), table=opened.label_table)
+
+
 SOURCES: dict[str, Callable[[int, str], Source]] = {
     "memory": lambda n, tmp: memory_source(n),
     "png": lambda n, tmp: png_source(n, tmp),
+    "minicity": lambda n, tmp: minicity_source(n),
 }
 
 
@@ -103,7 +113,7 @@ def images_per_second(batches, batch_size: int, warmup: int, steps: int | None) 
 
 
 def benchmark(source: Source, batch_size: int, steps: int) -> dict[str, float]:
-    table = labels.CITYSCAPES_TABLE
+    table = source.table
     train = pipeline.train_stream(source.dataset, config=source.train, batch_size=batch_size,
                                   seed=0, table=table, shuffle_buffer=64)
     results = {"train": images_per_second(pipeline.HostIterator(train), batch_size, 2, steps)}
