@@ -12,19 +12,11 @@ import pytest
 from configs import road as road_config
 from synseg_jax import methods, train
 from synseg_jax.methods import road
+from tests.tiny import TINY_DATA_AND_MODEL
 
 # A tiny demo: minicity at 32x64, a 1-1-1-1 DeepLabV2 at 1/8 width, from scratch (no pretraining:
 # the teacher is then the segmenter's own initial backbone, see methods/road.py).
-TINY = [
-    "data.minicity.scene_size=(32,64)", "data.minicity.object_size=16",
-    "data.minicity.num_examples.sim=16", "data.minicity.num_examples.sim_topdown=4",
-    "data.minicity.num_examples.real_train=8", "data.minicity.num_examples.real_val=6",
-    "data.minicity.num_examples.objects=32",
-    "data.train_resize=(32,64)", "data.target_resize=(32,64)", "data.crop=(32,32)",
-    "data.eval_size=(32,64)", "data.eval_batch_size=4", "data.shuffle_buffer=16",
-    "model.width=0.125", "model.stage_sizes=(1,1,1,1)", "model.init_weights=",
-    "method.disc_hidden=(8,)",
-]
+TINY = [*TINY_DATA_AND_MODEL, "method.disc_hidden=(8,)"]
 
 
 def tiny_config(*extra):

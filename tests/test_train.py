@@ -14,17 +14,12 @@ import pytest
 
 from configs import source_only
 from synseg_jax import checkpoint, evaluate, recipe, train
+from tests.tiny import TINY_DATA_AND_MODEL
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 TINY = [
-    "data.minicity.scene_size=(32,64)", "data.minicity.object_size=16",
-    "data.minicity.num_examples.sim=16", "data.minicity.num_examples.sim_topdown=4",
-    "data.minicity.num_examples.real_train=8", "data.minicity.num_examples.real_val=6",
-    "data.minicity.num_examples.objects=32",
-    "data.train_resize=(32,64)", "data.target_resize=(32,64)", "data.crop=(32,32)",
-    "data.eval_size=(32,64)", "data.eval_batch_size=4", "data.shuffle_buffer=16",
-    "model.width=0.125", "model.stage_sizes=(1,1,1,1)", "model.init_weights=",
+    *TINY_DATA_AND_MODEL,
     "model.bn_mode=train",  # from scratch: frozen BN would keep the init statistics (0, 1)
     "train.steps=4", "train.batch_size=2", "train.checkpoint_every=2", "train.eval_every=2",
     "train.log_every=1", "train.image_every=2",
