@@ -58,7 +58,10 @@ def base_config() -> ml_collections.ConfigDict:
     mo.depth = 101  # ResNet-101 (DeepLabV2, AdaptSegNet)
     mo.stage_sizes = ()  # explicit blocks per stage; overrides depth (demo members)
     mo.width = 1.0  # channel multiplier (demo members)
-    mo.style = "caffe"  # stride on the first 1x1 conv, as DeepLab's released weights
+    # ResNet style; "" = the segmenter's own: "caffe" (stride on the first 1x1, DeepLab's released
+    # init) for DeepLabV2, "torchvision" (stride on the 3x3, torchvision's ImageNet weights) for
+    # PSPNet. Set it to the style of the weights you import (import_weights prints it).
+    mo.style = ""
     mo.output_stride = 8  # DeepLabV2: layer3 dilation 2, layer4 dilation 4
     mo.aspp_rates = (6, 12, 18, 24)  # DeepLabV2 ASPP
     mo.aspp_two_branch = False  # AdaptSegNet code's rates (6, 12) only (REFERENCE.md)
@@ -125,6 +128,7 @@ def _demo(c: ml_collections.ConfigDict) -> None:
     mo = c.model
     mo.stage_sizes = (1, 1, 1, 1)
     mo.width = 0.25
+    mo.style = "caffe"  # the demo's own pretraining; DeepLabV2's style
     mo.init_weights = "demo"
     c.optim.lr = 1e-2  # small nets from a small pretraining take a larger step than 2.5e-4
     c.optim.schedule_steps = 1500
@@ -220,8 +224,31 @@ def _parse_value(raw: str, current):
     return value
 
 
+def _resolve_short_key(config: ml_collections.ConfigDict, key: str) -> str:
+    """`dist` -> `method.dist` when exactly one field of the config is named so (DESIGN.md's
+    `road.py:gta5,dist=False`); a full dotted key, or a top-level one, is returned unchanged."""
+    if "." in key or key in config:
+        return key
+    matches = [k for k in _all_keys(config) if k.rsplit(".", 1)[-1] == key
+               and not isinstance(_get(config, k), ml_collections.ConfigDict)]
+    if len(matches) > 1:
+        raise KeyError(f"Config key {key!r} is ambiguous; use one of {matches}")
+    return matches[0] if matches else key
+
+
+def _get(config: ml_collections.ConfigDict, dotted: str):
+    node = config
+    for name in dotted.split("."):
+        node = node[name]
+    return node
+
+
 def set_key(config: ml_collections.ConfigDict, key: str, raw: str) -> None:
-    """Sets dotted `key` from the string `raw`; an unknown key names itself and close matches."""
+    """Sets dotted `key` from the string `raw`; an unknown key names itself and close matches.
+
+    A key without dots may name a nested field by its last component alone when that is unique.
+    """
+    key = _resolve_short_key(config, key)
     *parents, leaf = key.split(".")
     node = config
     for name in parents:

@@ -4,11 +4,14 @@
     python -m synseg_jax.main --config=configs/road.py:gta5 --workdir=...             # DeepLab-VGG16
     python -m synseg_jax.main --config=configs/road.py:gta5,model.name=pspnet_r101 --workdir=...
 
+PSPNet starts from torchvision's ImageNet ResNet-101 (model.style "" picks its torchvision style).
+
 Ablations (Table 1, Figs. 4 and 6) are method keys: `method.dist=False` ("spt" only),
 `method.spt=False` ("dst" only), both False (NonAdapt), `method.dist_domain=source` (source
 distillation), `method.dist=False,method.spt=False,optim.frozen_prefixes=(...)` (frozen first
 layers; prefixes are compared component-wise, e.g. ("backbone/stem", "backbone/layer1_0") for the
 demo ResNet, ("backbone/conv1_1", "backbone/conv1_2", ...) for VGG), `method.grid=(2,1)` etc.
+A key without dots names the one field it ends (`road.py:gta5,dist=False,grid=(2,2)`).
 benchmarks/road_ablation.py runs that table on the demo.
 """
 

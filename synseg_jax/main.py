@@ -5,6 +5,7 @@ Thin on purpose: flags in, `recipe.run` out.
 
 import logging as py_logging
 import os
+import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -38,5 +39,17 @@ def main(argv):
     recipe.run(FLAGS.config, FLAGS.workdir, FLAGS.mode, FLAGS.step)
 
 
+def _config_path(argv: list[str]) -> str | None:
+    for i, arg in enumerate(argv):
+        if arg.startswith("--config="):
+            return arg.split("=", 1)[1].split(":", 1)[0]
+        if arg == "--config" and i + 1 < len(argv):
+            return argv[i + 1].split(":", 1)[0]
+    return None
+
+
 if __name__ == "__main__":
+    # The config file is imported while flags are parsed, before main() runs.
+    if (path := _config_path(sys.argv)) is not None:
+        recipe.make_config_package_importable(path)
     app.run(main)

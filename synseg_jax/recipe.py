@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import sys
 
 import jax
 import ml_collections
@@ -17,10 +18,19 @@ from synseg_jax import checkpoint, evaluate, metrics, train
 DEMO_WEIGHTS = "demo"
 
 
+def make_config_package_importable(path: str) -> None:
+    """Config files import their siblings as `configs.common`; put the directory holding the
+    `configs` package on sys.path, so a config loads from any working directory."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(path)))
+    if root not in sys.path:
+        sys.path.insert(0, root)
+
+
 def load_config_file(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
     """`get_config(arg)` of a config file given by path (as --config=path:arg does)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"Config file {path} does not exist")
+    make_config_package_importable(path)
     spec = importlib.util.spec_from_file_location(f"_config_{abs(hash(path))}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

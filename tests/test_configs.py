@@ -73,3 +73,37 @@ def test_unknown_dataset_split_and_method_list_valid_ones():
     config.method.name = "sourceonly"
     with pytest.raises(ValueError, match="valid methods.*source_only"):
         methods.build(config)
+
+
+def test_short_key_names_the_one_field_it_ends_and_ambiguity_is_an_error():
+    config = load_config_file(os.path.join(CONFIG_DIR, "road.py"), "gta5,dist=False,grid=(2,1)")
+    assert config.method.dist is False and config.method.grid == (2, 1)
+    # "name" ends both model.name and method.name: refused, listing both.
+    with pytest.raises(KeyError, match="ambiguous.*model.name.*method.name|ambiguous.*method.name"):
+        load_config_file(os.path.join(CONFIG_DIR, "road.py"), "gta5,name=road")
+    with pytest.raises(KeyError, match="Unknown config key 'distt'"):
+        load_config_file(os.path.join(CONFIG_DIR, "road.py"), "gta5,distt=False")
+
+
+@pytest.mark.parametrize("name,style", [("deeplabv2", "caffe"), ("pspnet_r101", "torchvision")])
+def test_empty_style_is_the_style_of_the_weights_each_segmenter_starts_from(name, style):
+    """DeepLabV2 starts from DeepLab's Caffe-style init, PSPNet from torchvision's ResNet."""
+    from synseg_jax.methods import base
+    config = load_config_file(os.path.join(CONFIG_DIR, "road.py"), f"gta5,model.name={name}")
+    assert config.model.style == ""
+    assert base.segmenter_from_config(config.model).style == style
+    config = load_config_file(os.path.join(CONFIG_DIR, "road.py"),
+                              f"gta5,model.name={name},model.style=torchvision")
+    assert base.segmenter_from_config(config.model).style == "torchvision"
+
+
+def test_a_config_file_loads_from_any_working_directory(tmp_path):
+    """Config files import `configs.common`; loading one must not depend on the cwd."""
+    import subprocess
+    import sys
+    code = ("from synseg_jax.recipe import load_config_file; "
+            f"print(load_config_file({os.path.join(CONFIG_DIR, 'road.py')!r}, 'demo').method.name)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                         text=True, env={**os.environ, "PYTHONPATH": ""})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().endswith("road")

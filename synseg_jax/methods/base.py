@@ -39,13 +39,17 @@ class Method(Protocol):
 def segmenter_from_config(model: ml_collections.ConfigDict) -> nn.Module:
     """The segmenter `model.name`, given those of the model.* fields its class declares."""
     fields = {
-        "depth": model.depth, "width": model.width, "style": model.style,
+        "depth": model.depth, "width": model.width,
         "output_stride": model.output_stride, "bn_mode": model.bn_mode,
         "aspp_rates": tuple(model.aspp_rates), "aspp_two_branch": model.aspp_two_branch,
         "multi_level": model.multi_level,
     }
-    if model.stage_sizes:  # empty: the class's own full-size default (VGG16, STDC1, ResNet depth)
+    # Empty fields keep the class's own default: full-size stages (VGG16, STDC1, ResNet depth) and
+    # the ResNet style of the weights the paper starts from.
+    if model.stage_sizes:
         fields["stage_sizes"] = tuple(model.stage_sizes)
+    if model.style:
+        fields["style"] = model.style
     cls = segmenters.SEGMENTERS.get(model.name)
     declared = {f.name for f in dataclasses.fields(cls)} if cls is not None else set(fields)
     return segmenters.build_segmenter(
