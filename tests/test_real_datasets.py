@@ -10,7 +10,11 @@ synseg_jax/data/builders/common.py.
 
 import io
 import os
+import struct
+import sys
+import tarfile
 import zipfile
+import zlib
 
 import numpy as np
 import pytest
@@ -87,6 +91,37 @@ class Tree:
                 with open(os.path.join(root, path), "wb") as f:
                     f.write(data)
         return str(root)
+
+
+def write_rar4(path, files):
+    """A RAR 4.x archive of stored (uncompressed) members, written from the format's spec: marker
+    block, main header, one file header (+ data) per member, end block; each header starts with
+    the low 16 bits of the CRC32 of the rest of it. No rar tool can be installed here, and
+    libarchive reads stored members with the same code path as compressed ones up to the codec."""
+    def block(body):
+        return struct.pack("<H", zlib.crc32(body) & 0xFFFF) + body
+    out = bytearray(b"Rar!\x1a\x07\x00")
+    out += block(struct.pack("<BHHHI", 0x73, 0, 13, 0, 0))  # main header
+    for name, data in files.items():
+        encoded = name.encode()
+        # type 0x74 file, flag 0x8000 (has data), header size, packed/unpacked size, host OS
+        # 3 (Unix), data CRC32, DOS time, version 2.0, method 0x30 (store), name size, mode.
+        out += block(struct.pack("<BHHIIBIIBBHI", 0x74, 0x8000, 32 + len(encoded), len(data),
+                                 len(data), 3, zlib.crc32(data), 0x21 << 16, 20, 0x30,
+                                 len(encoded), 0o100644) + encoded) + data
+    out += block(struct.pack("<BHH", 0x7B, 0x4000, 7))  # end of archive
+    with open(path, "wb") as f:
+        f.write(bytes(out))
+    return str(path)
+
+
+def write_tar_gz(path, files):
+    with tarfile.open(path, "w:gz") as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return str(path)
 
 
 def fake_gta5(n=4):
@@ -260,11 +295,60 @@ def test_missing_manual_dir_lists_the_expected_layout(tmp_path):
             build(name, tmp_path / "empty", tmp_path / "data")
 
 
-def test_rar_archive_is_named(tmp_path):
+@pytest.mark.parametrize("archive", ["rar", "tar.gz"])
+def test_synthia_read_from_its_archive_and_extracted_once(tmp_path, archive):
+    """The official RAND_CITYSCAPES.rar in the manual dir, as downloaded: only RGB/ and
+    GT/LABELS/ are extracted (under <data_dir>/downloads/extracted), once."""
+    tree, expected = fake_synthia()
     (tmp_path / "manual").mkdir()
-    (tmp_path / "manual" / "SYNTHIA_RAND_CITYSCAPES.rar").write_bytes(b"Rar!")
-    with pytest.raises(common.ManualDirError, match="SYNTHIA_RAND_CITYSCAPES.rar.*extract"):
-        build("synthia", tmp_path / "manual", tmp_path / "data")
+    writer = write_rar4 if archive == "rar" else write_tar_gz
+    writer(tmp_path / "manual" / f"RAND_CITYSCAPES.{archive}", tree.files)
+    build("synthia", tmp_path / "manual", tmp_path / "data")
+    got, unknown = read_split("synthia", "train", tmp_path / "data")
+    assert unknown == 0 and set(got) == set(expected)
+    for name, raw in expected.items():
+        np.testing.assert_array_equal(got[name], expected_train_ids(raw, "synthia"))
+    dest = tmp_path / "data" / "downloads" / "extracted" / "synthia" / "RAND_CITYSCAPES"
+    extracted = sorted(str(p.relative_to(dest)) for p in dest.rglob("*.png"))
+    assert len(extracted) == 2 * len(expected)
+    assert not [p for p in extracted if "COLOR" in p]  # members nobody reads stay packed
+    assert common.extract_members(str(tmp_path / "manual" / f"RAND_CITYSCAPES.{archive}"),
+                                  str(dest), lambda m: True) == 0  # stamped: not read again
+
+
+def test_interrupted_extraction_resumes_without_rewriting(tmp_path):
+    files = {f"RGB/{i:07d}.png": bytes([i]) * (100 + i) for i in range(4)}
+    archive = write_rar4(tmp_path / "a.rar", files)
+    dest = tmp_path / "out"
+    (dest / "RGB").mkdir(parents=True)
+    (dest / "RGB" / "0000000.png").write_bytes(files["RGB/0000000.png"])  # finished earlier
+    (dest / "RGB" / "0000001.png.part").write_bytes(b"\0" * 7)  # the interrupted one
+    assert common.extract_members(archive, str(dest), lambda m: True) == 3
+    for name, data in files.items():
+        assert (dest / name).read_bytes() == data
+    assert not list(dest.rglob("*.part"))
+
+
+def test_damaged_or_escaping_archive_is_named(tmp_path):
+    tree, _ = fake_synthia(2)
+    manual = tmp_path / "manual"
+    manual.mkdir()
+    path = write_rar4(manual / "RAND_CITYSCAPES.rar", tree.files)
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+    with pytest.raises(common.CorruptFileError, match="RAND_CITYSCAPES.rar"):
+        build("synthia", manual, tmp_path / "data")
+    evil = write_rar4(tmp_path / "evil.rar", {"../RGB/0000000.png": b"x"})
+    with pytest.raises(common.CorruptFileError, match="outside"):
+        common.extract_members(evil, str(tmp_path / "out"), lambda m: True)
+    assert not (tmp_path / "RGB").exists()
+
+
+def test_missing_libarchive_says_what_to_install(tmp_path, monkeypatch):
+    path = write_rar4(tmp_path / "a.rar", {"RGB/0000000.png": b"x"})
+    monkeypatch.setitem(sys.modules, "libarchive", None)  # import fails as if not installed
+    with pytest.raises(RuntimeError, match="libarchive-c.*apt install libarchive13.*extract"):
+        common.extract_members(path, str(tmp_path / "out"), lambda m: True)
 
 
 def test_unpaired_files_are_named_or_dropped(tmp_path):

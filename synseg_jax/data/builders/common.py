@@ -1,7 +1,7 @@
 """What the real-dataset builders (GTA5, SYNTHIA, Cityscapes) share.
 
 Each builder reads an official download from a manual dir, either extracted or as the original
-zip archives (any mix: an extracted file wins over the same file inside a zip), pairs every image
+archives (any mix: an extracted file wins over the same file inside an archive), pairs every image
 with its label, checks and re-encodes the pair in a thread pool, and writes TFDS shards of
 ``{"image": RGB PNG, "label": 1-channel uint8 PNG of RAW ids, "name": str}``. The pipeline maps
 the raw ids to trainIds later, with the dataset's table (labels.py), so the shards keep the
@@ -12,6 +12,10 @@ release the GIL, and the 16-bit SYNTHIA labels are decoded with TensorFlow, whic
 a forked child of a process that already started TensorFlow.
 
 Bad input, and what happens to it (counted in ``SplitStats``, reported by ``synseg_jax.prepare``):
+- a RAR (SYNTHIA's download), 7z or tar archive: read with libarchive; RAR has no random access,
+  so the members a builder wants are extracted once under ``<data_dir>/downloads/extracted/``
+  (resumable; a finished archive is not read again). A damaged archive: ``CorruptFileError``
+  naming it and the member;
 - no manual dir, or no file of the expected layout in it: ``ManualDirError`` (a
   FileNotFoundError) describing the expected layout, where it was looked for, and where to get it;
 - an image without its label or the reverse: an error naming them (``allow_partial`` drops them);
@@ -47,8 +51,8 @@ from synseg_jax.data import labels
 log = logging.getLogger(__name__)
 
 DATA_VERSION = "1.0.0"
-# Archives we cannot read with the standard library: named in errors so users extract them.
-UNSUPPORTED_ARCHIVES = (".rar", ".7z", ".tar", ".tar.gz", ".tgz")
+# Archives read through libarchive (streamed, then extracted); zips are read in place.
+STREAMED_ARCHIVES = (".rar", ".7z", ".tar", ".tar.gz", ".tgz")
 MAX_LISTED = 10  # names listed in an error message or a summary before "... and N more"
 
 
@@ -127,6 +131,80 @@ def scan(manual_dir: str) -> Iterator[tuple[str, FileRef]]:
         stem = rel[: -len(".zip")]
         for member in members:
             yield f"{stem}/{member}", FileRef(member, archive=path)
+
+
+def archive_stem(rel: str) -> str:
+    """`dir/NAME.tar.gz` -> `dir/NAME`: where the archive's members would land if extracted."""
+    for suffix in (".tar.gz", *(s for s in STREAMED_ARCHIVES if s != ".tar.gz"), ".zip"):
+        if rel.lower().endswith(suffix):
+            return rel[: -len(suffix)]
+    return rel
+
+
+def _libarchive():
+    try:
+        import libarchive  # noqa: PLC0415 (only builders that meet a RAR/7z/tar need it)
+    except (ImportError, OSError) as err:  # OSError: libarchive-c found no libarchive.so
+        raise RuntimeError(
+            f"Reading RAR, 7z and tar archives needs libarchive ({err}): `pip install "
+            f"libarchive-c` and the system library (Debian/Ubuntu: `apt install libarchive13`), "
+            f"or extract the archive into the manual dir yourself.") from err
+    return libarchive
+
+
+def extract_members(archive: str, dest: str, wanted: Callable[[str], bool],
+                    progress: bool = False) -> int:
+    """Extracts the files of ``archive`` for which ``wanted(member path)`` holds into ``dest``.
+
+    Resumable: a member already there with its full size is not rewritten (each file is written
+    to ``.part`` and renamed), and a finished archive leaves a stamp (its size and mtime), so a
+    later call returns at once. Member paths that would leave ``dest`` are refused. Returns the
+    number of members written in this call.
+    """
+    stat = os.stat(archive)
+    stamp_path = os.path.join(dest, ".extracted")
+    stamp = f"{stat.st_size} {int(stat.st_mtime)}\n"
+    if os.path.exists(stamp_path):
+        with open(stamp_path) as f:
+            if f.read() == stamp:
+                return 0
+    libarchive = _libarchive()
+    bar = None
+    if progress:
+        from tqdm import tqdm  # noqa: PLC0415
+        bar = tqdm(desc=f"extracting {os.path.basename(archive)}", unit="file")
+    written, member = 0, None
+    try:
+        with libarchive.file_reader(archive) as reader:
+            for entry in reader:
+                member = entry.pathname
+                parts = [p for p in member.replace("\\", "/").split("/") if p not in ("", ".")]
+                if not entry.isfile or not wanted("/".join(parts)):
+                    continue
+                if ".." in parts or os.path.isabs(member):
+                    raise CorruptFileError(f"{archive}: member {member!r} would be written "
+                                           f"outside {dest}; refusing to extract it")
+                target = os.path.join(dest, *parts)
+                if os.path.isfile(target) and os.path.getsize(target) == entry.size:
+                    continue  # extracted by an earlier, interrupted call
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+                with open(target + ".part", "wb") as f:
+                    for block in entry.get_blocks():
+                        f.write(block)
+                os.replace(target + ".part", target)
+                written += 1
+                if bar is not None:
+                    bar.update(1)
+    except libarchive.ArchiveError as err:
+        where = f" (at member {member})" if member else ""
+        raise CorruptFileError(f"Cannot read the archive {archive}{where}: {err}") from err
+    finally:
+        if bar is not None:
+            bar.close()
+    os.makedirs(dest, exist_ok=True)
+    with open(stamp_path, "w") as f:
+        f.write(stamp)
+    return written
 
 
 # ------------------------------------------------------------------------------------------------
@@ -294,7 +372,9 @@ class RealDatasetBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
     """Base of the GTA5 / SYNTHIA / Cityscapes builders; subclasses set the class constants.
 
     Args (besides TFDS's ``data_dir`` etc.), only needed to prepare, not to read:
-      manual_dir: where the official download lies (extracted, zipped, or both).
+      manual_dir: where the official download lies (extracted, archived, or both).
+      extract_dir: where members of RAR / 7z / tar archives are extracted; default
+        ``<data_dir>/downloads/extracted``.
       skip_corrupt: skip (and count) unreadable pairs instead of failing on the first.
       allow_partial: accept any non-zero count and drop unpaired files (tests, subsets).
       workers: reader threads; 0 = 2 per CPU core.
@@ -315,10 +395,14 @@ class RealDatasetBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
     SPLIT_DIRS: dict[str, str] = {}  # on-disk split folder -> TFDS split (when the layout has one)
     DESCRIPTION: str = ""
 
-    def __init__(self, *, manual_dir: str | None = None, skip_corrupt: bool = False,
-                 allow_partial: bool = False, workers: int = 0, progress: bool = False, **kwargs):
+    def __init__(self, *, manual_dir: str | None = None, extract_dir: str | None = None,
+                 skip_corrupt: bool = False, allow_partial: bool = False, workers: int = 0,
+                 progress: bool = False, **kwargs):
         super().__init__(**kwargs)
         self.manual_dir = manual_dir
+        # TFDS keeps the data dir root (without <name>/<version>) in _data_dir_root.
+        self.extract_dir = extract_dir or os.path.join(self._data_dir_root, "downloads",
+                                                       "extracted")
         self.skip_corrupt = skip_corrupt
         self.allow_partial = allow_partial
         self.workers = workers or 2 * (os.cpu_count() or 1)
@@ -414,10 +498,9 @@ class RealDatasetBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
             raise ManualDirError(self.missing_message(
                 f"The manual dir {self.manual_dir!r} does not exist."))
         found: dict[str, tuple[dict, dict]] = {s: ({}, {}) for s in self.EXPECTED_COUNTS}
-        unsupported = []
-        for rel, ref in scan(self.manual_dir):
-            if rel.lower().endswith(UNSUPPORTED_ARCHIVES):
-                unsupported.append(rel)
+        files = list(scan(self.manual_dir))
+        archives = [rel for rel, _ in files if rel.lower().endswith(STREAMED_ARCHIVES)]
+        for rel, ref in itertools.chain(files, self._streamed_archive_files(archives)):
             for kind, pattern in enumerate((self.IMAGE_PATTERN, self.LABEL_PATTERN)):
                 match = pattern.search(rel)
                 if match is None:
@@ -425,14 +508,12 @@ class RealDatasetBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
                 split = self._split_of(match)
                 if split is not None:
                     found[split][kind].setdefault(self.example_name(match), ref)
-        hint = (f"\nFound {', '.join(unsupported)}: this archive format is not supported; "
-                f"extract it into the manual dir first." if unsupported else "")
         index = {}
         for split, (images, label_files) in found.items():
             if not images and not label_files:
                 raise ManualDirError(self.missing_message(
                     f"No {self.TITLE} {split} images or labels found under "
-                    f"{self.manual_dir!r}.{hint}"))
+                    f"{self.manual_dir!r}."))
             names = sorted(images.keys() & label_files.keys())
             unpaired = ([f"image {images[n]} (no label)" for n in sorted(images.keys() - names)] +
                         [f"label {label_files[n]} (no image)"
@@ -457,6 +538,22 @@ class RealDatasetBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
             index[split] = [Pair(n, images[n], label_files[n]) for n in names]
             self.stats[split] = SplitStats(found=len(names), unpaired=unpaired)
         return index
+
+    def _wanted(self, rel: str) -> bool:
+        return bool(self.IMAGE_PATTERN.search(rel) or self.LABEL_PATTERN.search(rel))
+
+    def _streamed_archive_files(self, archives: list[str]) -> Iterator[tuple[str, FileRef]]:
+        """Extracts the wanted members of each RAR / 7z / tar archive; yields them as files."""
+        for rel in archives:
+            stem = archive_stem(rel)
+            dest = os.path.join(self.extract_dir, self.name, stem)
+            written = extract_members(os.path.join(self.manual_dir, rel), dest,
+                                      lambda member, s=stem: self._wanted(f"{s}/{member}"),
+                                      self.progress)
+            if written:
+                log.info("Extracted %d files of %s into %s", written, rel, dest)
+            for member_rel, ref in scan(dest):
+                yield f"{stem}/{member_rel}", ref
 
     # -- reading side -----------------------------------------------------------------------------
 

@@ -6,8 +6,8 @@ bits per channel of an RGB PNG, so the labels are decoded with ``tf.io.decode_pn
 (0..22) are stored as 8-bit raw SYNTHIA ids. No pre-converted ``synthia_mapped_to_cityscapes``
 folder is needed.
 
-The official archive is a RAR file, which the Python standard library cannot read (the PyPI
-``rarfile`` package only wraps an external ``unrar``/``bsdtar`` binary); extract it first.
+The official download, ``RAND_CITYSCAPES.rar``, may lie in the manual dir as it is: its RGB/ and
+GT/LABELS/ members are extracted once through libarchive (see ``common.extract_members``).
 """
 
 from __future__ import annotations
@@ -40,12 +40,11 @@ class Synthia(common.RealDatasetBuilder):
 
     name = "synthia"
     TITLE = "SYNTHIA-RAND-CITYSCAPES"
-    DOWNLOAD = ("https://synthia-dataset.net/downloads/ (SYNTHIA-RAND-CITYSCAPES (CVPR16); "
-                "the download is a .rar archive: extract it, e.g. `unrar x` or `7z x`)")
-    LAYOUT = ("  RAND_CITYSCAPES/RGB/0000000.png ... and\n"
+    DOWNLOAD = "https://synthia-dataset.net/downloads/ (SYNTHIA-RAND-CITYSCAPES (CVPR16))"
+    LAYOUT = ("  RAND_CITYSCAPES.rar (the download as it is), or extracted:\n"
+              "  RAND_CITYSCAPES/RGB/0000000.png ... and\n"
               "  RAND_CITYSCAPES/GT/LABELS/0000000.png ...\n"
-              "  (extracted; the RAND_CITYSCAPES/ prefix is optional, GT/COLOR and Depth/ are "
-              "not read)")
+              "  (the RAND_CITYSCAPES/ prefix is optional; GT/COLOR and Depth/ are not read)")
     LABEL_TABLE = labels.SYNTHIA_TABLE
     EXPECTED_COUNTS = {"train": (9_400,)}
     IMAGE_PATTERN = re.compile(r"(?:^|/)RGB/(?P<key>\d+)\.png$")
