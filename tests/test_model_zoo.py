@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from synseg_jax.models import segmenters, stdc, vgg
+from tests.model_init import abstract_init, count, host_init
 
 # Small members of each family, for every registered segmenter (the factory test demands one).
 TINY = {
@@ -21,31 +22,8 @@ TINY = {
 }
 
 
-def _count(tree) -> int:
-    return sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(tree))
-
-
-def _abstract_init(model, shape=(1, 65, 65, 3)):
-    """Outputs and variables as shapes only: no compilation, no allocation."""
-    return jax.eval_shape(
-        lambda: model.init_with_output(jax.random.key(0), jnp.zeros(shape), train=False))
-
-
 def _host_init(model, x, seed=0):
-    """Concrete variables from numpy (He-normal kernels, unit BN), skipping XLA's slow init."""
-    _, abstract = _abstract_init(model, x.shape)
-    rng = np.random.default_rng(seed)
-
-    def fill(path, leaf):
-        name = path[-1].key
-        if name == "kernel":
-            fan_in = np.prod(leaf.shape[:-1])
-            return jnp.asarray(rng.normal(0.0, np.sqrt(2.0 / fan_in), leaf.shape), leaf.dtype)
-        if name == "bias":  # non-zero so that every bias visibly takes part
-            return jnp.asarray(rng.normal(0.0, 0.1, leaf.shape), leaf.dtype)
-        return jnp.full(leaf.shape, 1.0 if name in ("scale", "var") else 0.0, leaf.dtype)
-
-    return jax.tree_util.tree_map_with_path(fill, abstract)
+    return host_init(model, x, seed, bias_std=0.1)
 
 
 def conv(k, c_in, c_out, bias=True):
@@ -67,46 +45,46 @@ TORCHVISION_RESNET101 = 44_549_160
 RESNET101_BACKBONE = TORCHVISION_RESNET101 - conv(1, 2048, 1000)  # minus fc
 
 
-def test_vgg16_features_param_count():
+def test_vgg16_features_paramcount():
     # Thirteen 3×3 convs with bias, channel pairs of configuration D.
     pairs = [(3, 64), (64, 64), (64, 128), (128, 128), (128, 256), (256, 256), (256, 256),
              (256, 512), (512, 512), (512, 512), (512, 512), (512, 512), (512, 512)]
     by_hand = sum(conv(3, a, b) for a, b in pairs)
     assert by_hand == TORCHVISION_VGG16 - VGG16_CLASSIFIER == 14_714_688
-    _, variables = _abstract_init(vgg.VGG("features"), (1, 33, 33, 3))
-    assert _count(variables["params"]) == by_hand
+    _, variables = abstract_init(vgg.VGG("features"), (1, 33, 33, 3))
+    assert count(variables["params"]) == by_hand
     assert sorted(variables) == ["params"]  # no BatchNorm
 
 
-def test_fcn8s_param_count():
+def test_fcn8s_paramcount():
     # FCN keeps VGG16 up to fc7 (fc6 = the 25088→4096 layer as a 7×7 conv) and swaps the
     # 1000-way fc8 for 1×1 scoring convs on fc7, pool4 and pool3: the paper's "134M" (Table 1).
     backbone = TORCHVISION_VGG16 - conv(1, 4096, 1000)
     assert backbone == 14_714_688 + conv(7, 512, 4096) + conv(1, 4096, 4096) == 134_260_544
     head = conv(1, 4096, 21) + conv(1, 512, 21) + conv(1, 256, 21)
-    _, variables = _abstract_init(segmenters.build_segmenter("fcn8s_vgg16", 21), (1, 33, 33, 3))
-    assert _count(variables["params"]["backbone"]) == backbone
-    assert _count(variables["params"]["head"]) == head == 102_207
+    _, variables = abstract_init(segmenters.build_segmenter("fcn8s_vgg16", 21), (1, 33, 33, 3))
+    assert count(variables["params"]["backbone"]) == backbone
+    assert count(variables["params"]["head"]) == head == 102_207
     assert round((backbone + head) / 1e6) == 134
 
 
-def test_deeplab_largefov_param_count():
+def test_deeplab_largefov_paramcount():
     # DeepLab v1 Table 2 lists DeepLab-LargeFOV (21 VOC classes) at 20.5M parameters.
     backbone = 14_714_688 + conv(3, 512, 1024) + conv(1, 1024, 1024)
     head = conv(1, 1024, 21)
-    _, variables = _abstract_init(segmenters.build_segmenter("deeplab_largefov_vgg16", 21))
-    assert _count(variables["params"]["backbone"]) == backbone == 20_483_904
-    assert _count(variables["params"]["head"]) == head
+    _, variables = abstract_init(segmenters.build_segmenter("deeplab_largefov_vgg16", 21))
+    assert count(variables["params"]["backbone"]) == backbone == 20_483_904
+    assert count(variables["params"]["head"]) == head
     assert round((backbone + head) / 1e5) == 205
 
 
-def test_pspnet_r101_param_count():
+def test_pspnet_r101_paramcount():
     # Pyramid pooling: four 1×1 ConvBN 2048 → 512; bottleneck 3×3 ConvBN (2048 + 4·512) → 512;
     # 1×1 classifier with bias.
     head = 4 * conv_bn(1, 2048, 512) + conv_bn(3, 4096, 512) + conv(1, 512, 19)
-    _, variables = _abstract_init(segmenters.build_segmenter("pspnet_r101", 19))
-    assert _count(variables["params"]["backbone"]) == RESNET101_BACKBONE == 42_500_160
-    assert _count(variables["params"]["head"]) == head == 23_083_539
+    _, variables = abstract_init(segmenters.build_segmenter("pspnet_r101", 19))
+    assert count(variables["params"]["backbone"]) == RESNET101_BACKBONE == 42_500_160
+    assert count(variables["params"]["head"]) == head == 23_083_539
 
 
 def _catbottleneck(c_in, c_out, strided):
@@ -133,19 +111,19 @@ STDC_CLASSIFIER_TAIL = conv_bn(1, 1024, 1024) + 1024 * 1024 + 2 * 1024 + 1024 * 
 
 
 @pytest.mark.parametrize("name,published_m", [("stdc1", 8.44), ("stdc2", 12.47)])
-def test_stdc_param_count(name, published_m):
+def test_stdc_paramcount(name, published_m):
     # The STDC paper's ImageNet table: STDC1 (STDC813) 8.44M and STDC2 12.47M parameters for
     # the classifiers, i.e. backbone + the classifier tail above.
     stage_sizes = stdc.STAGE_SIZES[name]
     by_hand = _stdc_backbone(stage_sizes)
-    _, variables = _abstract_init(stdc.STDCNet(stage_sizes), (1, 33, 33, 3))
-    assert _count(variables["params"]) == by_hand
+    _, variables = abstract_init(stdc.STDCNet(stage_sizes), (1, 33, 33, 3))
+    assert count(variables["params"]) == by_hand
     assert round((by_hand + STDC_CLASSIFIER_TAIL) / 1e4) == round(published_m * 100)
     if name == "stdc1":
         assert by_hand == 5_318_304
 
 
-def test_bisenet_stdc813_param_count():
+def test_bisenet_stdc813_paramcount():
     c = 19
     arm = lambda c_in: conv_bn(3, c_in, 128) + 128 * 128 + 2 * 128  # noqa: E731
     head = (conv_bn(1, 1024, 128)                                # global context
@@ -154,9 +132,9 @@ def test_bisenet_stdc813_param_count():
             + conv_bn(1, 256 + 128, 256) + 2 * 256 * 64          # FFM + SE (ratio 4, no bias)
             + conv_bn(3, 256, 256) + 256 * c                     # main output
             + 2 * (conv_bn(3, 128, 64) + 64 * c))                # two context outputs
-    _, variables = _abstract_init(segmenters.build_segmenter("bisenet_stdc813", c))
-    assert _count(variables["params"]["backbone"]) == 5_318_304
-    assert _count(variables["params"]["head"]) == head == 3_106_944
+    _, variables = abstract_init(segmenters.build_segmenter("bisenet_stdc813", c))
+    assert count(variables["params"]["backbone"]) == 5_318_304
+    assert count(variables["params"]["head"]) == head == 3_106_944
 
 
 # ---------------------------------------------------------------------------------------------
@@ -170,7 +148,7 @@ def test_bisenet_stdc813_param_count():
     ("largefov", (161, 81, 41, 41, 41)),
 ])
 def test_vgg_variant_strides(variant, sizes):
-    features, _ = _abstract_init(vgg.VGG(variant, width=1 / 16), (1, 321, 321, 3))
+    features, _ = abstract_init(vgg.VGG(variant, width=1 / 16), (1, 321, 321, 3))
     for b, (size, ch) in enumerate(zip(sizes, (4, 8, 16, 32, 32)), start=1):
         assert features[f"pool{b}"].shape == (1, size, size, ch), b
     fc7 = {"features": None, "fcn": 256, "largefov": 64}[variant]
@@ -181,7 +159,7 @@ def test_vgg_variant_strides(variant, sizes):
 
 def _conv_dilations(model, shape):
     """(kernel size, dilation) of every conv in forward order, read off the traced program."""
-    _, variables = _abstract_init(model, shape)
+    _, variables = abstract_init(model, shape)
     jaxpr = jax.make_jaxpr(lambda v, x: model.apply(v, x, train=False))(
         variables, jax.ShapeDtypeStruct(shape, jnp.float32))
     return [(eqn.invars[1].aval.shape[0], eqn.params["rhs_dilation"][0])
@@ -196,7 +174,7 @@ def test_largefov_dilations():
 
 def test_stdc_feature_shapes_and_block_structure():
     model = stdc.STDCNet(width=0.125)
-    features, variables = _abstract_init(model, (1, 64, 64, 3))
+    features, variables = abstract_init(model, (1, 64, 64, 3))
     want = {"stride2": (32, 4), "stride4": (16, 8), "stride8": (8, 32), "stride16": (4, 64),
             "stride32": (2, 128)}
     assert {k: (v.shape[1], v.shape[3]) for k, v in features.items()} == want
@@ -290,7 +268,7 @@ OUTPUTS = {
 
 @pytest.mark.parametrize("name", sorted(OUTPUTS))
 def test_segmenter_outputs_and_param_tree(name):
-    out, variables = _abstract_init(segmenters.build_segmenter(name, 7, **TINY[name]))
+    out, variables = abstract_init(segmenters.build_segmenter(name, 7, **TINY[name]))
     assert set(out) == set(OUTPUTS[name]) | {"features"}
     for key, stride in OUTPUTS[name].items():
         # On 65×65 every backbone's stride-s map has ceil(65 / s) pixels a side.
@@ -334,7 +312,7 @@ def test_dropout_needs_train_mode_and_a_dropout_rng():
 
 
 def test_pspnet_multi_level():
-    out, variables = _abstract_init(segmenters.build_segmenter(
+    out, variables = abstract_init(segmenters.build_segmenter(
         "pspnet_r101", 7, multi_level=True, **TINY["pspnet_r101"]))
     assert out["aux_logits"].shape == out["logits"].shape == (1, 9, 9, 7)
     assert {"head", "head_aux", "head_aux_classifier"} <= set(variables["params"])
@@ -347,7 +325,7 @@ def test_pspnet_multi_level():
 def test_every_segmenter_has_a_tiny_config_and_builds():
     assert set(TINY) == set(segmenters.SEGMENTERS) == set(OUTPUTS)
     for name, kwargs in TINY.items():
-        out, _ = _abstract_init(segmenters.build_segmenter(name, 3, **kwargs))
+        out, _ = abstract_init(segmenters.build_segmenter(name, 3, **kwargs))
         assert out["logits"].shape[-1] == 3
 
 
@@ -356,7 +334,7 @@ def test_every_segmenter_has_a_tiny_config_and_builds():
     ("stdc", dict(width=0.125), "stride32"),
 ])
 def test_new_backbones_resolve(name, kwargs, deepest):
-    features, _ = _abstract_init(segmenters.build_backbone(name, **kwargs))
+    features, _ = abstract_init(segmenters.build_backbone(name, **kwargs))
     assert deepest in features
 
 
@@ -364,14 +342,14 @@ def test_factories_reject_unknown_names_and_bad_arguments():
     with pytest.raises(ValueError, match="bisenet_stdc813"):
         segmenters.build_segmenter("bisenet", 19)
     with pytest.raises(ValueError, match="variant"):
-        _abstract_init(vgg.VGG("deeplab"))
+        abstract_init(vgg.VGG("deeplab"))
     with pytest.raises(ValueError, match="stage_sizes"):
-        _abstract_init(segmenters.build_segmenter("fcn8s_vgg16", 3, stage_sizes=(1, 1, 1, 1)))
+        abstract_init(segmenters.build_segmenter("fcn8s_vgg16", 3, stage_sizes=(1, 1, 1, 1)))
     with pytest.raises(ValueError, match="stage_sizes"):
-        _abstract_init(stdc.STDCNet(stage_sizes=(2, 2)))
+        abstract_init(stdc.STDCNet(stage_sizes=(2, 2)))
 
 
 @pytest.mark.parametrize("name", sorted(TINY))
 def test_every_segmenter_rejects_a_bad_bn_mode(name):
     with pytest.raises(ValueError, match="bn_mode"):
-        _abstract_init(segmenters.build_segmenter(name, 3, bn_mode="sync", **TINY[name]))
+        abstract_init(segmenters.build_segmenter(name, 3, bn_mode="sync", **TINY[name]))

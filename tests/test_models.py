@@ -8,34 +8,9 @@ import numpy as np
 import pytest
 
 from synseg_jax.models import layers, resnet, segmenters
+from tests.model_init import abstract_init, count, host_init
 
 TINY = dict(width=0.125, stage_sizes=(1, 1, 1, 1))  # stem 8 ch, stage outputs 32/64/128/256
-
-
-def _count(tree) -> int:
-    return sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(tree))
-
-
-def _abstract_init(model, shape=(1, 65, 65, 3)):
-    """Variables and outputs as shapes only: no compilation, no allocation."""
-    return jax.eval_shape(
-        lambda: model.init_with_output(jax.random.key(0), jnp.zeros(shape), train=False))
-
-
-def _host_init(model, x, seed=0):
-    """Concrete variables filled from numpy: XLA's compile of ``model.init`` (one threefry
-    kernel per parameter) takes seconds per tiny net on a CPU, the forward pass far less."""
-    _, abstract = jax.eval_shape(lambda: model.init_with_output(jax.random.key(0), x, train=False))
-    rng = np.random.default_rng(seed)
-
-    def fill(path, leaf):
-        name = path[-1].key
-        if name == "kernel":  # He normal over fan-in keeps activations O(1) through the net
-            std = np.sqrt(2.0 / np.prod(leaf.shape[:-1]))
-            return jnp.asarray(rng.normal(0.0, std, leaf.shape), leaf.dtype)
-        return jnp.full(leaf.shape, 1.0 if name in ("scale", "var") else 0.0, leaf.dtype)
-
-    return jax.tree_util.tree_map_with_path(fill, abstract)
 
 
 def _images(seed, n=2, size=33, c=3):
@@ -140,7 +115,7 @@ def test_grad_reverse_forward_identity_backward_negated():
     (8, (33, 17, 9, 9, 9)), (16, (33, 17, 9, 5, 5)), (32, (33, 17, 9, 5, 3))])
 def test_resnet_feature_shapes(style, output_stride, sizes):
     model = resnet.ResNet(style=style, output_stride=output_stride, **TINY)
-    features, _ = _abstract_init(model)
+    features, _ = abstract_init(model)
     names = ("stem", "layer1", "layer2", "layer3", "layer4")
     assert set(features) == set(names)
     for name, size, ch in zip(names, sizes, (8, 32, 64, 128, 256)):
@@ -150,8 +125,8 @@ def test_resnet_feature_shapes(style, output_stride, sizes):
 def test_ceil_vs_floor_pool_on_even_input():
     # 64×64: stem 32; caffe pool (ceil) 17 -> layer2 via 1×1/2 pad 0 = 9;
     # torchvision pool (floor) 16 -> layer2 via 3×3/2 pad 1 = 8.
-    caffe, _ = _abstract_init(resnet.ResNet(style="caffe", **TINY), (1, 64, 64, 3))
-    tv, _ = _abstract_init(resnet.ResNet(style="torchvision", **TINY), (1, 64, 64, 3))
+    caffe, _ = abstract_init(resnet.ResNet(style="caffe", **TINY), (1, 64, 64, 3))
+    tv, _ = abstract_init(resnet.ResNet(style="torchvision", **TINY), (1, 64, 64, 3))
     assert caffe["layer1"].shape[1:3] == (17, 17) and caffe["layer4"].shape[1:3] == (9, 9)
     assert tv["layer1"].shape[1:3] == (16, 16) and tv["layer4"].shape[1:3] == (8, 8)
 
@@ -160,7 +135,7 @@ def test_ceil_vs_floor_pool_on_even_input():
 def test_bottleneck_stride_placement(style, strided):
     block = resnet.Bottleneck(4, strides=2, project=True, style=style)
     x = jnp.ones((1, 8, 8, 8))
-    variables = _host_init(block, x)
+    variables = host_init(block, x)
     _, state = block.apply(variables, x, train=False, capture_intermediates=True,
                            mutable=["intermediates"])
     sizes = {k: v["__call__"][0].shape[1] for k, v in state["intermediates"].items()
@@ -171,7 +146,7 @@ def test_bottleneck_stride_placement(style, strided):
 
 def _conv3x3_dilations(model, shape=(1, 33, 33, 3)):
     """Dilation of every 3×3 conv in forward order, read off the traced program."""
-    _, variables = _abstract_init(model, shape)
+    _, variables = abstract_init(model, shape)
     jaxpr = jax.make_jaxpr(lambda v, x: model.apply(v, x, train=False))(
         variables, jax.ShapeDtypeStruct(shape, jnp.float32))
     # linen's apply is not jitted, so every conv is a top-level equation.
@@ -220,10 +195,10 @@ def test_param_count_deeplabv2_resnet101():
     aspp = 4 * (3 * 3 * 2048 * 19 + 19)  # four dilated 3×3 convs 2048 -> 19 with bias
     assert aspp == 1_400_908
     model = segmenters.build_segmenter("deeplabv2", 19)  # defaults: R101, caffe, 4 branches
-    _, variables = _abstract_init(model)
-    assert _count(variables["params"]["backbone"]) == backbone
-    assert _count(variables["params"]["head"]) == aspp
-    assert _count(variables["params"]) == backbone + aspp == 43_901_068
+    _, variables = abstract_init(model)
+    assert count(variables["params"]["backbone"]) == backbone
+    assert count(variables["params"]["head"]) == aspp
+    assert count(variables["params"]) == backbone + aspp == 43_901_068
 
 
 def test_param_count_torchvision_classifiers():
@@ -231,8 +206,8 @@ def test_param_count_torchvision_classifiers():
     for depth, stages, known in [(101, (3, 4, 23, 3), 44_549_160), (50, (3, 4, 6, 3), 25_557_032)]:
         assert _resnet_params(stages) + fc == known
         model = segmenters.build_classifier("resnet", 1000, depth=depth, style="torchvision")
-        _, variables = _abstract_init(model, (1, 64, 64, 3))
-        assert _count(variables["params"]) == known
+        _, variables = abstract_init(model, (1, 64, 64, 3))
+        assert count(variables["params"]) == known
 
 
 # ---------------------------------------------------------------------------------------------
@@ -280,7 +255,7 @@ def test_aspp_init():
 @pytest.mark.parametrize("two_branch,multi_level", [(False, False), (True, True)])
 def test_deeplabv2_outputs_and_param_tree(two_branch, multi_level):
     model = segmenters.DeepLabV2(7, aspp_two_branch=two_branch, multi_level=multi_level, **TINY)
-    out, variables = _abstract_init(model)
+    out, variables = abstract_init(model)
     params = variables["params"]
     assert out["logits"].shape == (1, 9, 9, 7)  # 65×65 input, output stride 8
     assert set(out["features"]) == {"stem", "layer1", "layer2", "layer3", "layer4"}
@@ -306,8 +281,8 @@ def test_deeplabv2_outputs_and_param_tree(two_branch, multi_level):
 def test_classifier_backbone_transfers_to_segmenter():
     cls = segmenters.build_classifier("resnet", 10, style="caffe", **TINY)
     seg = segmenters.build_segmenter("deeplabv2", 19, **TINY)
-    _, cv = _abstract_init(cls)
-    _, sv = _abstract_init(seg)
+    _, cv = abstract_init(cls)
+    _, sv = abstract_init(seg)
     for col in ("params", "batch_stats"):
         assert (jax.tree.map(lambda a: a.shape, cv[col]["backbone"])
                 == jax.tree.map(lambda a: a.shape, sv[col]["backbone"]))
@@ -316,10 +291,10 @@ def test_classifier_backbone_transfers_to_segmenter():
 def test_factories_resolve_every_name_and_reject_unknown():
     # TINY fits the ResNet-based names; tests/test_model_zoo.py builds every registered name.
     for name in ("deeplabv2", "pspnet_r101"):
-        _abstract_init(segmenters.build_segmenter(name, 3, **TINY))
+        abstract_init(segmenters.build_segmenter(name, 3, **TINY))
     for name in segmenters.CLASSIFIERS:
-        _abstract_init(segmenters.build_classifier(name, 3, **TINY))
-    _abstract_init(segmenters.build_backbone("resnet", **TINY))
+        abstract_init(segmenters.build_classifier(name, 3, **TINY))
+    abstract_init(segmenters.build_backbone("resnet", **TINY))
     with pytest.raises(ValueError, match="deeplabv2"):
         segmenters.build_segmenter("deeplabv3", 19)
     with pytest.raises(ValueError, match="resnet"):
@@ -339,7 +314,7 @@ def test_bn_modes():
     x_other = x.at[1].set(_images(5, n=1)[0])  # same first image, different batch-mate
     train_model = segmenters.DeepLabV2(5, bn_mode="train", **TINY)
     frozen_model = segmenters.DeepLabV2(5, bn_mode="frozen", **TINY)
-    variables = _host_init(train_model, x)
+    variables = host_init(train_model, x)
 
     # "train": batch statistics, running averages move, outputs depend on the batch.
     out, upd = _apply_train(train_model, variables, x)
@@ -361,6 +336,6 @@ def test_bn_modes():
 
 def test_bn_rejects_bad_mode_and_name():
     with pytest.raises(ValueError, match="bn_mode"):
-        _abstract_init(segmenters.DeepLabV2(5, bn_mode="sync", **TINY))
+        abstract_init(segmenters.DeepLabV2(5, bn_mode="sync", **TINY))
     with pytest.raises(ValueError, match="start with"):
         layers.batch_norm("train", True, name="norm")
