@@ -99,7 +99,6 @@ def host_variables(model, shape, seed=0):
 
 def jax_step(name: str, spec: ModelSpec, size, batch, repeats: int, compile_only: bool) -> dict:
     import jax
-    import jax.numpy as jnp
     import optax
 
     from synseg_jax import losses
@@ -326,9 +325,12 @@ def main() -> None:
                 rows.append(torch_step(name, spec, s, b, args.repeats))
         else:
             rows.append(jax_step(name, spec, s, b, args.repeats, args.compile_only))
+        if rows:  # each finished row at once: a long run stopped midway keeps what it measured
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    load = " / ".join(f"{x:.2f}" for x in os.getloadavg())
     print(f"machine: {platform.platform()}, {platform.processor() or platform.machine()}, "
           f"cpu_count={os.cpu_count()}, jax {jax.__version__} on {jax.devices()[0].platform}, "
-          f"repeats={args.repeats} (median)\n")
+          f"repeats={args.repeats} (median); load average at the end (1/5/15 min): {load}\n")
     print(markdown(rows))
 
 

@@ -44,15 +44,19 @@ def evaluate(eval_step: Callable, variables, batches: Iterable[dict]) -> metrics
     return metrics.scores_from_confusion(total)
 
 
+def results_stem(workdir: str, name: str, step: int) -> str:
+    """<workdir>/eval/<name>_<step>, the path of a split's results without extension."""
+    # "minicity/sim[90%:]" -> "minicity_sim_90_": split names may carry TFDS slicing.
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+    return os.path.join(workdir, "eval", f"{safe}_{step}")
+
+
 def write_results(workdir: str, name: str, step: int,
                   scores: metrics.SegmentationScores) -> tuple[str, str]:
     """Writes eval/<name>_<step>.json and .md (process 0 only); returns both paths."""
-    directory = os.path.join(workdir, "eval")
-    # "minicity/sim[90%:]" -> "minicity_sim_90_": split names may carry TFDS slicing.
-    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
-    stem = os.path.join(directory, f"{safe}_{step}")
+    stem = results_stem(workdir, name, step)
     if jax.process_index() == 0:
-        os.makedirs(directory, exist_ok=True)
+        os.makedirs(os.path.dirname(stem), exist_ok=True)
         with open(stem + ".json", "w") as f:
             f.write(json.dumps({"split": name, "step": int(step), **scores.to_dict()}, indent=2,
                                allow_nan=False))

@@ -170,3 +170,15 @@ def test_one_and_eight_devices_give_the_same_losses(data_dir, finished_run):
     eight = _losses_on(8, data_dir)
     np.testing.assert_allclose(one, eight, rtol=2e-4)
     assert one[0] != one[2]  # the steps really trained
+
+
+def test_results_of_a_sliced_split_land_where_results_stem_says(tmp_path):
+    """Benchmarks read eval files back through `results_stem`; TFDS slicing must not break it."""
+    from synseg_jax import metrics
+    scores = metrics.scores_from_confusion(np.diag(np.arange(1, 20)).astype(np.int64))
+    json_path, md_path = evaluate.write_results(str(tmp_path), "minicity/sim[90%:]", 600, scores)
+    stem = evaluate.results_stem(str(tmp_path), "minicity/sim[90%:]", 600)
+    assert (json_path, md_path) == (stem + ".json", stem + ".md")
+    assert os.path.dirname(stem) == str(tmp_path / "eval") and "[" not in os.path.basename(stem)
+    with open(json_path) as f:
+        assert json.load(f)["miou_19"] == pytest.approx(1.0)
