@@ -168,8 +168,9 @@ def _conv_dilations(model, shape):
 
 def test_largefov_dilations():
     got = _conv_dilations(vgg.VGG("largefov", width=1 / 16), (1, 33, 33, 3))
-    # conv1_1 … conv4_3 plain, conv5_x dilation 2, fc6 3×3 dilation 12, fc7 1×1.
-    assert got == [(3, 1)] * 10 + [(3, 2)] * 3 + [(3, 12), (1, 1)]
+    # conv1_1 … conv4_3 plain, conv5_x dilation 2, fc6 3×3 dilation 12; fc7 is 1×1, which
+    # layers.Conv computes as a matmul (no conv in the program).
+    assert got == [(3, 1)] * 10 + [(3, 2)] * 3 + [(3, 12)]
 
 
 def test_stdc_feature_shapes_and_block_structure():

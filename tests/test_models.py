@@ -339,3 +339,28 @@ def test_bn_rejects_bad_mode_and_name():
         abstract_init(segmenters.DeepLabV2(5, bn_mode="sync", **TINY))
     with pytest.raises(ValueError, match="start with"):
         layers.batch_norm("train", True, name="norm")
+
+
+@pytest.mark.parametrize("strides,padding,use_bias", [(1, "SAME", True), (2, [(0, 0), (0, 0)], False),
+                                                      (1, "VALID", False)])
+def test_pointwise_conv_matmul_equals_nn_conv(strides, padding, use_bias):
+    """layers.Conv computes 1x1 kernels as a matmul: same parameters (names, shapes, init), same
+    outputs and gradients as nn.Conv, strided too."""
+    import flax.linen as nn
+    x = _images(3, n=2, size=9, c=5)
+    ours = layers.Conv(7, (1, 1), strides=strides, padding=padding, use_bias=use_bias)
+    ref = nn.Conv(7, (1, 1), strides=strides, padding=padding, use_bias=use_bias)
+    params = ref.init(jax.random.key(1), x)
+    assert jax.tree.map(jnp.shape, ours.init(jax.random.key(1), x)) == jax.tree.map(jnp.shape,
+                                                                                    params)
+    np.testing.assert_array_equal(ours.init(jax.random.key(1), x)["params"]["kernel"],
+                                  params["params"]["kernel"])
+    if use_bias:
+        params = jax.tree.map(lambda p: p + 0.3, params)
+    np.testing.assert_allclose(ours.apply(params, x), ref.apply(params, x), rtol=1e-5, atol=1e-5)
+    grad = lambda m: jax.grad(lambda p, x: jnp.sum(jnp.sin(m.apply(p, x))), argnums=(0, 1))
+    for a, b in zip(jax.tree.leaves(grad(ours)(params, x)), jax.tree.leaves(grad(ref)(params, x))):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    # Anything that is not a plain 1x1 goes to nn.Conv unchanged.
+    three = layers.Conv(7, (3, 3), padding=[(1, 1), (1, 1)])
+    assert not three._is_pointwise() and three.init(jax.random.key(0), x)["params"]["kernel"].shape == (3, 3, 5, 7)

@@ -67,6 +67,43 @@ def conv_padding(kernel_size: int, dilation: int = 1) -> list[tuple[int, int]]:
     return [(p, p), (p, p)]
 
 
+class Conv(nn.Conv):
+    """``nn.Conv`` with the same parameters, computing 1×1 kernels as a matrix product.
+
+    XLA:CPU lowers the kernel gradient of a 1×1 convolution to a convolution with a huge window,
+    2-2.5× slower than the equivalent matmul (benchmarks/model_step.py; ResNet bottlenecks are
+    two-thirds 1×1). A strided 1×1 conv is a subsampling followed by the product. Every other
+    case (larger kernels, groups, padding, dilation) is nn.Conv itself.
+    """
+
+    @nn.compact
+    def __call__(self, inputs: jax.Array) -> jax.Array:
+        if not self._is_pointwise():
+            return super().__call__(inputs)
+        s = self.strides if isinstance(self.strides, int) else (self.strides or (1, 1))
+        sh, sw = (s, s) if isinstance(s, int) else tuple(s)
+        x = inputs[:, ::sh, ::sw, :] if (sh, sw) != (1, 1) else inputs
+        kernel = self.param("kernel", self.kernel_init, (1, 1, x.shape[-1], self.features),
+                            self.param_dtype)
+        bias = (self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+                if self.use_bias else None)
+        x, kernel, bias = self.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        y = jax.lax.dot_general(x, kernel[0, 0], (((x.ndim - 1,), (0,)), ((), ())),
+                                precision=self.precision)
+        return y if bias is None else y + bias
+
+    def _is_pointwise(self) -> bool:
+        ks = self.kernel_size if isinstance(self.kernel_size, Sequence) else (self.kernel_size,) * 2
+        strides = self.strides or 1
+        unit_stride = strides in (1, (1, 1), [1, 1])
+        padding = self.padding
+        # A 1x1 window needs no padding: "SAME" pads nothing at stride 1.
+        no_padding = padding == "VALID" or (padding == "SAME" and unit_stride) or (
+            not isinstance(padding, str) and all(tuple(p) == (0, 0) for p in padding))
+        return (tuple(ks) == (1, 1) and self.feature_group_count == 1 and no_padding
+                and (self.input_dilation or 1) in (1, (1, 1)) and self.mask is None)
+
+
 class ConvBN(nn.Module):
     """k×k conv without bias (named ``conv``), BatchNorm (named ``bn``), optional ReLU."""
 
@@ -81,7 +118,7 @@ class ConvBN(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         k, s, d = self.kernel_size, self.strides, self.dilation
-        x = nn.Conv(self.features, (k, k), strides=(s, s), padding=conv_padding(k, d),
+        x = Conv(self.features, (k, k), strides=(s, s), padding=conv_padding(k, d),
                     kernel_dilation=(d, d), use_bias=False, kernel_init=conv_init,
                     dtype=self.dtype, name="conv")(x)
         x = batch_norm(self.bn_mode, train, dtype=self.dtype)(x)

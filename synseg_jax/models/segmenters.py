@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from synseg_jax.models.layers import (ConvBN, batch_norm, conv_padding, resize_nearest,
+from synseg_jax.models.layers import (Conv, ConvBN, batch_norm, conv_padding, resize_nearest,
                                       upsample_bilinear)
 from synseg_jax.models.resnet import ResNet, ResNetClassifier
 from synseg_jax.models.stdc import STAGE_SIZES as STDC_STAGE_SIZES
@@ -47,7 +47,7 @@ class ASPP(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         branches = [
-            nn.Conv(self.num_classes, (3, 3), padding=conv_padding(3, r), kernel_dilation=(r, r),
+            Conv(self.num_classes, (3, 3), padding=conv_padding(3, r), kernel_dilation=(r, r),
                     kernel_init=nn.initializers.normal(0.01), bias_init=nn.initializers.zeros,
                     dtype=self.dtype, name=f"branch{i}")(x)
             for i, r in enumerate(self.rates)
@@ -121,7 +121,7 @@ class DeepLabLargeFOV(nn.Module):
     def __call__(self, x: jax.Array, train: bool) -> dict[str, Any]:
         features = VGG("largefov", self.stage_sizes, self.width, self.dropout_rate, self.bn_mode,
                        self.dtype, name="backbone")(x, train)
-        logits = nn.Conv(self.num_classes, (1, 1), kernel_init=nn.initializers.normal(0.01),
+        logits = Conv(self.num_classes, (1, 1), kernel_init=nn.initializers.normal(0.01),
                          bias_init=nn.initializers.zeros, dtype=self.dtype,
                          name="head")(features["fc7"])
         return {"logits": logits, "features": features}
@@ -142,7 +142,7 @@ class FCN8sHead(nn.Module):
     @nn.compact
     def __call__(self, features: dict[str, jax.Array]) -> jax.Array:
         def score(name: str, x: jax.Array) -> jax.Array:
-            return nn.Conv(self.num_classes, (1, 1), kernel_init=nn.initializers.zeros,
+            return Conv(self.num_classes, (1, 1), kernel_init=nn.initializers.zeros,
                            bias_init=nn.initializers.zeros, dtype=self.dtype, name=name)(x)
 
         pool3, pool4 = features["pool3"], features["pool4"]
@@ -243,7 +243,7 @@ class PSPHead(nn.Module):
             levels.append(upsample(level, x.shape[1:3]))
         y = conv(self.channels, 3, name="bottleneck")(jnp.concatenate(levels, axis=-1), train)
         y = dropout(self, y, self.dropout_rate, train)
-        return nn.Conv(self.num_classes, (1, 1), dtype=self.dtype, name="classifier")(y)
+        return Conv(self.num_classes, (1, 1), dtype=self.dtype, name="classifier")(y)
 
 
 class PSPNet(nn.Module):
@@ -285,7 +285,7 @@ class PSPNet(nn.Module):
             y = ConvBN(_scaled(256, self.width), 3, bn_mode=self.bn_mode, dtype=self.dtype,
                        name="head_aux")(features["layer3"], train)
             y = dropout(self, y, self.dropout_rate, train)
-            out["aux_logits"] = nn.Conv(self.num_classes, (1, 1), dtype=self.dtype,
+            out["aux_logits"] = Conv(self.num_classes, (1, 1), dtype=self.dtype,
                                         name="head_aux_classifier")(y)
         return out
 
@@ -302,7 +302,7 @@ class AttentionRefinement(nn.Module):
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         x = ConvBN(self.features, 3, bn_mode=self.bn_mode, dtype=self.dtype, name="conv")(x, train)
         a = jnp.mean(x, axis=(1, 2), keepdims=True)
-        a = nn.Conv(self.features, (1, 1), use_bias=False, dtype=self.dtype, name="conv_atten")(a)
+        a = Conv(self.features, (1, 1), use_bias=False, dtype=self.dtype, name="conv_atten")(a)
         a = batch_norm(self.bn_mode, train, name="bn_atten", dtype=self.dtype)(a)
         return x * nn.sigmoid(a)
 
@@ -322,9 +322,9 @@ class FeatureFusion(nn.Module):
         f = ConvBN(self.features, 1, bn_mode=self.bn_mode, dtype=self.dtype, name="conv")(
             jnp.concatenate([spatial, context], axis=-1), train)
         a = jnp.mean(f, axis=(1, 2), keepdims=True)
-        a = nn.relu(nn.Conv(max(1, self.features // self.ratio), (1, 1), use_bias=False,
+        a = nn.relu(Conv(max(1, self.features // self.ratio), (1, 1), use_bias=False,
                             dtype=self.dtype, name="se_reduce")(a))
-        a = nn.sigmoid(nn.Conv(self.features, (1, 1), use_bias=False, dtype=self.dtype,
+        a = nn.sigmoid(Conv(self.features, (1, 1), use_bias=False, dtype=self.dtype,
                                name="se_expand")(a))
         return f * a + f
 
@@ -340,7 +340,7 @@ class BiSeNetOutput(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         x = ConvBN(self.mid, 3, bn_mode=self.bn_mode, dtype=self.dtype, name="conv")(x, train)
-        return nn.Conv(self.num_classes, (1, 1), use_bias=False, dtype=self.dtype,
+        return Conv(self.num_classes, (1, 1), use_bias=False, dtype=self.dtype,
                        name="classifier")(x)
 
 

@@ -23,7 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from synseg_jax.models.layers import ConvBN, batch_norm, conv_init, conv_padding
+from synseg_jax.models.layers import Conv, ConvBN, batch_norm, conv_init, conv_padding
 
 STAGE_SIZES = {"stdc1": (2, 2, 2), "stdc2": (4, 5, 3)}
 STEM_WIDTHS = (32, 64)
@@ -68,7 +68,7 @@ class CatBottleneck(nn.Module):
         first = conv(widths[0], 1, name="branch0")(x, train)
         y = first
         if self.strides == 2:
-            y = nn.Conv(widths[0], (3, 3), strides=(2, 2), padding=conv_padding(3),
+            y = Conv(widths[0], (3, 3), strides=(2, 2), padding=conv_padding(3),
                         feature_group_count=widths[0], use_bias=False, kernel_init=conv_init,
                         dtype=self.dtype, name="conv_avd")(y)
             y = batch_norm(self.bn_mode, train, name="bn_avd", dtype=self.dtype)(y)

@@ -26,7 +26,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 
-from synseg_jax.models.layers import BN_MODES, conv_init, conv_padding, max_pool
+from synseg_jax.models.layers import BN_MODES, Conv, conv_init, conv_padding, max_pool
 
 # Convs per block: VGG16 (configuration "D" of Simonyan & Zisserman 2015, Table 1). The same
 # attribute gives VGG11 (1, 1, 2, 2, 2), VGG13 (2, 2, 2, 2, 2) and VGG19 (2, 2, 4, 4, 4).
@@ -99,7 +99,7 @@ class VGG(nn.Module):
         return max(1, int(round(base * self.width)))
 
     def _conv(self, features: int, kernel: int, dilation: int, name: str) -> nn.Conv:
-        return nn.Conv(features, (kernel, kernel), padding=conv_padding(kernel, dilation),
+        return Conv(features, (kernel, kernel), padding=conv_padding(kernel, dilation),
                        kernel_dilation=(dilation, dilation), kernel_init=conv_init,
                        bias_init=nn.initializers.zeros, dtype=self.dtype, name=name)
 

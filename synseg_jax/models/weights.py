@@ -178,7 +178,7 @@ def import_state_dict(state_dict: Mapping[str, np.ndarray], variables: Mapping[s
 
     def convert(key_path, leaf):
         path = _path_keys(key_path)
-        collection, rest = path[0], path[1:]
+        rest = path[1:]  # path[0] is the collection
         if rest[:len(scope)] != scope:
             return leaf
         source = naming(rest[len(scope):])
