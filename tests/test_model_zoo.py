@@ -137,6 +137,27 @@ def test_bisenet_stdc813_paramcount():
     assert count(variables["params"]["head"]) == head == 3_106_944
 
 
+def test_full_size_parameter_table():
+    """Prints every full-size segmenter's size at 19 classes (`pytest -s -k parameter_table`) and
+    checks each total against the sum of the parts verified one by one above."""
+    c = 19
+    expected = {
+        "deeplabv2": RESNET101_BACKBONE + 4 * conv(3, 2048, c),
+        "pspnet_r101": RESNET101_BACKBONE + 4 * conv_bn(1, 2048, 512) + conv_bn(3, 4096, 512)
+        + conv(1, 512, c),
+        "deeplab_largefov_vgg16": 20_483_904 + conv(1, 1024, c),
+        "fcn8s_vgg16": 134_260_544 + conv(1, 4096, c) + conv(1, 512, c) + conv(1, 256, c),
+        "bisenet_stdc813": 5_318_304 + 3_106_944,
+    }
+    assert sorted(expected) == sorted(segmenters.SEGMENTERS)
+    print(f"\n{'segmenter (19 classes)':<26}{'parameters':>14}")
+    for name, want in expected.items():
+        _, variables = abstract_init(segmenters.build_segmenter(name, c))
+        got = count(variables["params"])
+        print(f"{name:<26}{got:>14,}")
+        assert got == want, name
+
+
 # ---------------------------------------------------------------------------------------------
 # Geometry
 
