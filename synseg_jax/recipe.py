@@ -14,6 +14,7 @@ import jax
 import ml_collections
 
 from synseg_jax import checkpoint, evaluate, metrics, train
+from synseg_jax.methods import base
 
 DEMO_WEIGHTS = "demo"
 
@@ -40,7 +41,7 @@ def load_config_file(path: str, arg: str | None = None) -> ml_collections.Config
 def _backbone_key(config: ml_collections.ConfigDict) -> str:
     m = config.model
     stages = "-".join(map(str, m.stage_sizes)) if m.stage_sizes else f"d{m.depth}"
-    return (f"{stages}_w{m.width:g}_{m.style}_{config.data.normalization}"
+    return (f"{stages}_w{m.width:g}_{base.resnet_style(m)}_{config.data.normalization}"
             f"_mc{config.data.minicity.seed}_seed{config.seed}")
 
 
@@ -49,7 +50,7 @@ def pretrain_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
     m = config.model
     overrides = [f"seed={config.seed}", f"model.depth={m.depth}",
                  f"model.stage_sizes={tuple(m.stage_sizes)}", f"model.width={m.width}",
-                 f"model.style={m.style}", f"data.normalization={config.data.normalization}",
+                 f"model.style={base.resnet_style(m)}", f"data.normalization={config.data.normalization}",
                  f"data.data_dir={config.data.data_dir}",
                  f"data.minicity.seed={config.data.minicity.seed}",
                  f"data.minicity.scene_size={tuple(config.data.minicity.scene_size)}",

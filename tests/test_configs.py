@@ -97,6 +97,20 @@ def test_empty_style_is_the_style_of_the_weights_each_segmenter_starts_from(name
     assert base.segmenter_from_config(config.model).style == "torchvision"
 
 
+@pytest.mark.parametrize("name,style", [("deeplabv2", "caffe"), ("pspnet_r101", "torchvision")])
+def test_demo_pretraining_builds_the_style_its_segmenter_will_load(name, style):
+    """With model.style empty, the demo backbone is pretrained (and its workdir keyed) in the style
+    of the segmenter that loads it, never in the classifier's own default."""
+    from synseg_jax import recipe
+    from synseg_jax.methods import classifier
+    config = load_config_file(os.path.join(CONFIG_DIR, "road.py"),
+                              f"demo,model.name={name},model.style=")
+    pre_config = recipe.pretrain_config(config)
+    assert pre_config.model.style == style
+    assert classifier.Classifier(pre_config).model.style == style
+    assert f"_{style}_" in recipe._backbone_key(config)
+
+
 def test_a_config_file_loads_from_any_working_directory(tmp_path):
     """Config files import `configs.common`; loading one must not depend on the cwd."""
     import subprocess

@@ -44,16 +44,25 @@ def segmenter_from_config(model: ml_collections.ConfigDict) -> nn.Module:
         "aspp_rates": tuple(model.aspp_rates), "aspp_two_branch": model.aspp_two_branch,
         "multi_level": model.multi_level,
     }
-    # Empty fields keep the class's own default: full-size stages (VGG16, STDC1, ResNet depth) and
-    # the ResNet style of the weights the paper starts from.
+    # Empty stage sizes keep the class's full-size default (VGG16, STDC1, ResNet depth).
     if model.stage_sizes:
         fields["stage_sizes"] = tuple(model.stage_sizes)
-    if model.style:
-        fields["style"] = model.style
+    if style := resnet_style(model):
+        fields["style"] = style
     cls = segmenters.SEGMENTERS.get(model.name)
     declared = {f.name for f in dataclasses.fields(cls)} if cls is not None else set(fields)
     return segmenters.build_segmenter(
         model.name, model.num_classes, **{k: v for k, v in fields.items() if k in declared})
+
+
+def resnet_style(model: ml_collections.ConfigDict) -> str:
+    """`model.style`, or when it is empty the style of segmenter `model.name`'s own ResNet (that of
+    the weights its paper starts from); "" for a segmenter without a ResNet."""
+    if model.style:
+        return model.style
+    cls = segmenters.SEGMENTERS.get(model.name)
+    defaults = {f.name: f.default for f in dataclasses.fields(cls)} if cls is not None else {}
+    return defaults.get("style", "")
 
 
 def optimizer_from_config(o: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation, Any]:

@@ -20,7 +20,7 @@ class Classifier:
         m = config.model
         self.model = segmenters.build_classifier(
             "resnet", num_classes=m.num_classes, depth=m.depth,
-            stage_sizes=tuple(m.stage_sizes) or None, width=m.width, style=m.style or "caffe",
+            stage_sizes=tuple(m.stage_sizes) or None, width=m.width, style=base.resnet_style(m),
             output_stride=m.output_stride, bn_mode=m.bn_mode)
         self.tx, self.schedule = base.optimizer_from_config(config.optim)
         self.head_lr_mult = config.optim.head_lr_mult
