@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import ast
 import difflib
-from typing import Callable
+from typing import Any, Callable
 
 import ml_collections
 
@@ -194,14 +194,19 @@ def _split_top_level(text: str) -> list[str]:
     return parts
 
 
-def _all_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
-    keys = []
+def _all_items(config: ml_collections.ConfigDict, prefix: str = "") -> list[tuple[str, Any]]:
+    """(dotted key, value) of every field and sub-config, depth first."""
+    items = []
     for key, value in config.items():
         full = f"{prefix}{key}"
-        keys.append(full)
+        items.append((full, value))
         if isinstance(value, ml_collections.ConfigDict):
-            keys.extend(_all_keys(value, full + "."))
-    return keys
+            items.extend(_all_items(value, full + "."))
+    return items
+
+
+def _all_keys(config: ml_collections.ConfigDict) -> list[str]:
+    return [key for key, _ in _all_items(config)]
 
 
 def _parse_value(raw: str, current):
@@ -229,18 +234,11 @@ def _resolve_short_key(config: ml_collections.ConfigDict, key: str) -> str:
     `road.py:gta5,dist=False`); a full dotted key, or a top-level one, is returned unchanged."""
     if "." in key or key in config:
         return key
-    matches = [k for k in _all_keys(config) if k.rsplit(".", 1)[-1] == key
-               and not isinstance(_get(config, k), ml_collections.ConfigDict)]
+    matches = [k for k, value in _all_items(config) if k.rsplit(".", 1)[-1] == key
+               and not isinstance(value, ml_collections.ConfigDict)]
     if len(matches) > 1:
         raise KeyError(f"Config key {key!r} is ambiguous; use one of {matches}")
     return matches[0] if matches else key
-
-
-def _get(config: ml_collections.ConfigDict, dotted: str):
-    node = config
-    for name in dotted.split("."):
-        node = node[name]
-    return node
 
 
 def set_key(config: ml_collections.ConfigDict, key: str, raw: str) -> None:

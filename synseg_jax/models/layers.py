@@ -80,8 +80,7 @@ class Conv(nn.Conv):
     def __call__(self, inputs: jax.Array) -> jax.Array:
         if not self._is_pointwise():
             return super().__call__(inputs)
-        s = self.strides if isinstance(self.strides, int) else (self.strides or (1, 1))
-        sh, sw = (s, s) if isinstance(s, int) else tuple(s)
+        sh, sw = _pair(self.strides)
         x = inputs[:, ::sh, ::sw, :] if (sh, sw) != (1, 1) else inputs
         kernel = self.param("kernel", self.kernel_init, (1, 1, x.shape[-1], self.features),
                             self.param_dtype)
@@ -93,15 +92,20 @@ class Conv(nn.Conv):
         return y if bias is None else y + bias
 
     def _is_pointwise(self) -> bool:
-        ks = self.kernel_size if isinstance(self.kernel_size, Sequence) else (self.kernel_size,) * 2
-        strides = self.strides or 1
-        unit_stride = strides in (1, (1, 1), [1, 1])
         padding = self.padding
         # A 1x1 window needs no padding: "SAME" pads nothing at stride 1.
-        no_padding = padding == "VALID" or (padding == "SAME" and unit_stride) or (
+        same_unpadded = padding == "SAME" and _pair(self.strides) == (1, 1)
+        no_padding = padding == "VALID" or same_unpadded or (
             not isinstance(padding, str) and all(tuple(p) == (0, 0) for p in padding))
-        return (tuple(ks) == (1, 1) and self.feature_group_count == 1 and no_padding
-                and (self.input_dilation or 1) in (1, (1, 1)) and self.mask is None)
+        return (_pair(self.kernel_size) == (1, 1) and self.feature_group_count == 1 and no_padding
+                and _pair(self.input_dilation) == (1, 1) and self.mask is None)
+
+
+def _pair(value: int | Sequence[int] | None) -> tuple[int, int]:
+    """nn.Conv's int / pair / None (= 1) forms of a kernel size, stride or dilation, as (h, w)."""
+    if value is None:
+        return (1, 1)
+    return (value, value) if isinstance(value, int) else tuple(value)
 
 
 class ConvBN(nn.Module):
@@ -119,8 +123,8 @@ class ConvBN(nn.Module):
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         k, s, d = self.kernel_size, self.strides, self.dilation
         x = Conv(self.features, (k, k), strides=(s, s), padding=conv_padding(k, d),
-                    kernel_dilation=(d, d), use_bias=False, kernel_init=conv_init,
-                    dtype=self.dtype, name="conv")(x)
+                 kernel_dilation=(d, d), use_bias=False, kernel_init=conv_init,
+                 dtype=self.dtype, name="conv")(x)
         x = batch_norm(self.bn_mode, train, dtype=self.dtype)(x)
         return nn.relu(x) if self.relu else x
 

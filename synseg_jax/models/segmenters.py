@@ -48,8 +48,8 @@ class ASPP(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         branches = [
             Conv(self.num_classes, (3, 3), padding=conv_padding(3, r), kernel_dilation=(r, r),
-                    kernel_init=nn.initializers.normal(0.01), bias_init=nn.initializers.zeros,
-                    dtype=self.dtype, name=f"branch{i}")(x)
+                 kernel_init=nn.initializers.normal(0.01), bias_init=nn.initializers.zeros,
+                 dtype=self.dtype, name=f"branch{i}")(x)
             for i, r in enumerate(self.rates)
         ]
         return sum(branches[1:], branches[0])
@@ -122,8 +122,8 @@ class DeepLabLargeFOV(nn.Module):
         features = VGG("largefov", self.stage_sizes, self.width, self.dropout_rate, self.bn_mode,
                        self.dtype, name="backbone")(x, train)
         logits = Conv(self.num_classes, (1, 1), kernel_init=nn.initializers.normal(0.01),
-                         bias_init=nn.initializers.zeros, dtype=self.dtype,
-                         name="head")(features["fc7"])
+                      bias_init=nn.initializers.zeros, dtype=self.dtype,
+                      name="head")(features["fc7"])
         return {"logits": logits, "features": features}
 
 
@@ -143,7 +143,7 @@ class FCN8sHead(nn.Module):
     def __call__(self, features: dict[str, jax.Array]) -> jax.Array:
         def score(name: str, x: jax.Array) -> jax.Array:
             return Conv(self.num_classes, (1, 1), kernel_init=nn.initializers.zeros,
-                           bias_init=nn.initializers.zeros, dtype=self.dtype, name=name)(x)
+                        bias_init=nn.initializers.zeros, dtype=self.dtype, name=name)(x)
 
         pool3, pool4 = features["pool3"], features["pool4"]
         x = upsample_bilinear(score("score_fr", features["fc7"]), pool4.shape[1:3])
@@ -286,7 +286,7 @@ class PSPNet(nn.Module):
                        name="head_aux")(features["layer3"], train)
             y = dropout(self, y, self.dropout_rate, train)
             out["aux_logits"] = Conv(self.num_classes, (1, 1), dtype=self.dtype,
-                                        name="head_aux_classifier")(y)
+                                     name="head_aux_classifier")(y)
         return out
 
 
@@ -323,9 +323,9 @@ class FeatureFusion(nn.Module):
             jnp.concatenate([spatial, context], axis=-1), train)
         a = jnp.mean(f, axis=(1, 2), keepdims=True)
         a = nn.relu(Conv(max(1, self.features // self.ratio), (1, 1), use_bias=False,
-                            dtype=self.dtype, name="se_reduce")(a))
+                         dtype=self.dtype, name="se_reduce")(a))
         a = nn.sigmoid(Conv(self.features, (1, 1), use_bias=False, dtype=self.dtype,
-                               name="se_expand")(a))
+                            name="se_expand")(a))
         return f * a + f
 
 
@@ -341,7 +341,7 @@ class BiSeNetOutput(nn.Module):
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         x = ConvBN(self.mid, 3, bn_mode=self.bn_mode, dtype=self.dtype, name="conv")(x, train)
         return Conv(self.num_classes, (1, 1), use_bias=False, dtype=self.dtype,
-                       name="classifier")(x)
+                    name="classifier")(x)
 
 
 class BiSeNetHead(nn.Module):

@@ -69,8 +69,8 @@ class CatBottleneck(nn.Module):
         y = first
         if self.strides == 2:
             y = Conv(widths[0], (3, 3), strides=(2, 2), padding=conv_padding(3),
-                        feature_group_count=widths[0], use_bias=False, kernel_init=conv_init,
-                        dtype=self.dtype, name="conv_avd")(y)
+                     feature_group_count=widths[0], use_bias=False, kernel_init=conv_init,
+                     dtype=self.dtype, name="conv_avd")(y)
             y = batch_norm(self.bn_mode, train, name="bn_avd", dtype=self.dtype)(y)
             first = nn.avg_pool(first, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)),
                                 count_include_pad=True)

@@ -100,8 +100,8 @@ class VGG(nn.Module):
 
     def _conv(self, features: int, kernel: int, dilation: int, name: str) -> nn.Conv:
         return Conv(features, (kernel, kernel), padding=conv_padding(kernel, dilation),
-                       kernel_dilation=(dilation, dilation), kernel_init=conv_init,
-                       bias_init=nn.initializers.zeros, dtype=self.dtype, name=name)
+                    kernel_dilation=(dilation, dilation), kernel_init=conv_init,
+                    bias_init=nn.initializers.zeros, dtype=self.dtype, name=name)
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> dict[str, jax.Array]:
