@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ast
 import difflib
+import os
 from typing import Any, Callable
 
 import ml_collections
@@ -107,7 +108,8 @@ def base_config() -> ml_collections.ConfigDict:
     me.disc_lr_mult = 10.0  # region classifiers' lr / optim.lr: new layers, like the seg head
 
     c.pretrain = p = ml_collections.ConfigDict()
-    p.config = "configs/pretrain.py"  # demo: config that makes init_weights when it is missing
+    # demo: the config that makes init_weights when it is missing (this folder's pretrain.py)
+    p.config = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pretrain.py")
     p.workdir = ""  # "" -> <workdir>/../pretrain_<backbone key>
     p.overrides = ""  # extra "key=value,..." for the pretraining config (e.g. train.steps=100)
     return c

@@ -47,7 +47,7 @@ class Checkpointer:
     """Numbered checkpoints of a TrainState in `directory`."""
 
     def __init__(self, directory: str, *, max_to_keep: int | None = 3, read_only: bool = False):
-        self.directory = str(directory)
+        self.directory = os.path.abspath(str(directory))  # orbax refuses relative paths
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, read_only=read_only, create=not read_only)
         self._manager = ocp.CheckpointManager(

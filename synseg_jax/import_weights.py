@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from synseg_jax import checkpoint
+from synseg_jax import checkpoint, paths
 from synseg_jax.models import layers, segmenters, weights
 
 
@@ -250,6 +250,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--aspp-two-branch", action="store_true",
                         help="whole DeepLabV2 with the two-branch ASPP (rates 6, 12)")
     args = parser.parse_args(argv)
+    args.src, args.dst = paths.absolute(args.src), paths.absolute(args.dst)
 
     scope = tuple(p for p in args.scope.split("/") if p)
     variables, config, kept = convert(args.format, args.src, args.model, args.width,

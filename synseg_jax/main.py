@@ -12,7 +12,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from synseg_jax import parallel, recipe  # noqa: E402
+from synseg_jax import parallel, paths, recipe  # noqa: E402
 
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/road.py:demo",
                                 lock_config=True)
@@ -36,20 +36,12 @@ def main(argv):
     # per-save chatter, clu) are kept to warnings so the progress lines stay readable.
     py_logging.getLogger("absl").setLevel(py_logging.WARNING)
     py_logging.getLogger("jax").setLevel(py_logging.WARNING)
-    recipe.run(FLAGS.config, FLAGS.workdir, FLAGS.mode, FLAGS.step)
-
-
-def _config_path(argv: list[str]) -> str | None:
-    for i, arg in enumerate(argv):
-        if arg.startswith("--config="):
-            return arg.split("=", 1)[1].split(":", 1)[0]
-        if arg == "--config" and i + 1 < len(argv):
-            return argv[i + 1].split(":", 1)[0]
-    return None
+    config = FLAGS.config
+    paths.resolve_config_paths(config)
+    recipe.run(config, paths.absolute(FLAGS.workdir), FLAGS.mode, FLAGS.step)
 
 
 if __name__ == "__main__":
     # The config file is imported while flags are parsed, before main() runs.
-    if (path := _config_path(sys.argv)) is not None:
-        recipe.make_config_package_importable(path)
+    paths.prepare_config_flag(sys.argv)
     app.run(main)

@@ -27,7 +27,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from synseg_jax import evaluate, inputs, methods
+from synseg_jax import evaluate, inputs, methods, paths
 from synseg_jax.data import datasets, labels, pipeline
 from synseg_jax.models import layers
 
@@ -102,16 +102,16 @@ def example_names(dataset: str, split: str, *, data_dir: str | None = None,
 def export_batches(step: Callable, variables, batches: Iterable[dict], names: Sequence[str],
                    out_dir: str, colour_dir: str | None = None) -> list[str]:
     """Runs ``step`` on every batch and writes each real (unmasked) example; returns the paths."""
-    paths = []
+    written = []
     for batch in batches:
         preds = np.asarray(step(variables, batch))
         for index, keep, pred in zip(batch[pipeline.INDEX], batch[pipeline.MASK], preds):
             if keep:
-                paths.append(write_prediction(out_dir, names[int(index)], pred, colour_dir))
-    if len(paths) != len(names) or len(set(paths)) != len(paths):
+                written.append(write_prediction(out_dir, names[int(index)], pred, colour_dir))
+    if len(written) != len(names) or len(set(written)) != len(written):
         raise RuntimeError(
-            f"Wrote {len(set(paths))} distinct predictions for {len(names)} examples")
-    return paths
+            f"Wrote {len(set(written))} distinct predictions for {len(names)} examples")
+    return written
 
 
 def export_split(config, predict: Callable, variables, dataset: str, split: str, out_dir: str,
@@ -130,9 +130,9 @@ def export_split(config, predict: Callable, variables, dataset: str, split: str,
                               normalization=data.normalization, name=opened.description)
     batches = pipeline.HostIterator(ds, name=f"{dataset}/{split}")
     step = jax.jit(make_predict_step(predict))
-    paths = export_batches(step, variables, batches, names, out_dir, colour_dir)
-    logging.info("Wrote %d predictions of %s to %s", len(paths), opened.description, out_dir)
-    return paths
+    written = export_batches(step, variables, batches, names, out_dir, colour_dir)
+    logging.info("Wrote %d predictions of %s to %s", len(written), opened.description, out_dir)
+    return written
 
 
 def run(config, workdir: str, dataset: str, split: str, out_dir: str, *, step: int | None = None,
@@ -152,11 +152,13 @@ def main(argv):
         raise ValueError(f"Unexpected arguments: {argv[1:]}")
     logging.getLogger().setLevel(logging.INFO)
     config = FLAGS.config
+    paths.resolve_config_paths(config)
     dataset = FLAGS.dataset or config.data.eval_dataset
     split = FLAGS.split or config.data.eval_split
-    paths = run(config, FLAGS.workdir, dataset, split, FLAGS.out, step=FLAGS.step,
-                colour_dir=FLAGS.colour_out)
-    print(f"Wrote {len(paths)} labelId PNGs to {FLAGS.out}")
+    out = paths.absolute(FLAGS.out)
+    written = run(config, paths.absolute(FLAGS.workdir), dataset, split, out, step=FLAGS.step,
+                  colour_dir=paths.absolute(FLAGS.colour_out))
+    print(f"Wrote {len(written)} labelId PNGs to {out}")
 
 
 def _define_flags():
@@ -175,7 +177,10 @@ def _define_flags():
 
 
 if __name__ == "__main__":
+    import sys
+
     from absl import app
 
     _define_flags()
+    paths.prepare_config_flag(sys.argv)  # config files import `configs.*`
     app.run(main)

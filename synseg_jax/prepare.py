@@ -22,6 +22,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import tensorflow as tf  # noqa: E402
 import tensorflow_datasets as tfds  # noqa: E402
 
+from synseg_jax import paths  # noqa: E402
 from synseg_jax.data import datasets, labels  # noqa: E402
 from synseg_jax.data.builders import common  # noqa: E402
 
@@ -138,6 +139,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    args.manual_dir, args.data_dir = paths.absolute(args.manual_dir), paths.absolute(args.data_dir)
     try:
         summary = prepare(args.dataset, args.manual_dir, args.data_dir,
                           skip_corrupt=args.skip_corrupt, allow_partial=args.allow_partial,

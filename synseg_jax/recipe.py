@@ -8,34 +8,27 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import sys
 
 import jax
 import ml_collections
 
-from synseg_jax import checkpoint, evaluate, metrics, train
+from synseg_jax import checkpoint, evaluate, metrics, paths, train
 from synseg_jax.methods import base
 
 DEMO_WEIGHTS = "demo"
-
-
-def make_config_package_importable(path: str) -> None:
-    """Config files import their siblings as `configs.common`; put the directory holding the
-    `configs` package on sys.path, so a config loads from any working directory."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(path)))
-    if root not in sys.path:
-        sys.path.insert(0, root)
 
 
 def load_config_file(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
     """`get_config(arg)` of a config file given by path (as --config=path:arg does)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"Config file {path} does not exist")
-    make_config_package_importable(path)
+    paths.make_config_package_importable(path)
     spec = importlib.util.spec_from_file_location(f"_config_{abs(hash(path))}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.get_config(arg)
+    config = module.get_config(arg)
+    paths.resolve_config_paths(config)
+    return config
 
 
 def _backbone_key(config: ml_collections.ConfigDict) -> str:

@@ -16,6 +16,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from synseg_jax import paths
 from synseg_jax.data import labels
 from synseg_jax.data.builders import cityscapes as cityscapes_builders
 from synseg_jax.data.builders import common as real_builders
@@ -81,7 +82,7 @@ def check_split(name: str, split: str) -> None:
 
 
 def default_data_dir() -> str:
-    return os.environ.get("SYNSEG_DATA_DIR") or os.path.expanduser("~/tensorflow_datasets")
+    return paths.absolute(os.environ.get("SYNSEG_DATA_DIR") or "~/tensorflow_datasets")
 
 
 def minicity_builder(split: str, data_dir: str, options: minicity_builders.MinicityOptions):
