@@ -16,8 +16,7 @@ from typing import Callable, Iterable
 import jax
 import jax.numpy as jnp
 
-from synseg_jax import checkpoint, inputs, methods, metrics, parallel
-from synseg_jax.models import layers
+from synseg_jax import checkpoint, images, inputs, methods, metrics, parallel
 
 
 def make_eval_step(predict: Callable, num_classes: int) -> Callable:
@@ -25,7 +24,7 @@ def make_eval_step(predict: Callable, num_classes: int) -> Callable:
 
     def step(variables, batch):
         logits = predict(variables, batch["image"])
-        logits = layers.upsample_bilinear(logits, batch["label"].shape[1:3])
+        logits = images.resize_bilinear(logits, batch["label"].shape[1:3])
         pred = jnp.argmax(logits, axis=-1)
         return metrics.confusion_matrix(pred, batch["label"], num_classes, mask=batch["mask"])
 

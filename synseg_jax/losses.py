@@ -13,11 +13,10 @@ import math
 import jax
 import jax.numpy as jnp
 
+from synseg_jax import images
 from synseg_jax.data.labels import IGNORE_LABEL
 
 __all__ = [
-    "resize_bilinear",
-    "resize_nearest_labels",
     "cross_entropy",
     "bce_with_logits",
     "mse_gan",
@@ -25,33 +24,6 @@ __all__ = [
     "robust_entropy",
     "feature_distance",
 ]
-
-
-def resize_bilinear(x: jax.Array, size: tuple[int, int]) -> jax.Array:
-    """Bilinear resize of [B, h, w, C] to [B, H, W, C] with half-pixel centres.
-
-    Matches PyTorch's ``F.interpolate(mode="bilinear", align_corners=False)`` (the reference code's
-    upsampling), including its edge clamping. ``antialias=False`` keeps downsizing a plain
-    interpolation too, as PyTorch does, instead of jax's default area-weighted filter.
-    """
-    b, _, _, c = x.shape
-    return jax.image.resize(x, (b, size[0], size[1], c), method="bilinear", antialias=False)
-
-
-def resize_nearest_labels(labels: jax.Array, size: tuple[int, int]) -> jax.Array:
-    """Nearest-neighbour resize of integer labels [B, H, W] -> [B, h, w] with half-pixel centres.
-
-    Written as a gather so that labels never pass through floats (255 and class ids stay exact).
-    Output pixel i reads input pixel floor((i + 0.5) * in / out), the convention of
-    ``jax.image.resize(method="nearest")`` and of PyTorch's "nearest-exact".
-    """
-    def src_index(n_out: int, n_in: int) -> jax.Array:
-        idx = jnp.floor((jnp.arange(n_out) + 0.5) * (n_in / n_out)).astype(jnp.int32)
-        return jnp.clip(idx, 0, n_in - 1)
-
-    rows = src_index(size[0], labels.shape[1])
-    cols = src_index(size[1], labels.shape[2])
-    return labels[:, rows][:, :, cols]
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, ignore_index: int = IGNORE_LABEL,
@@ -76,9 +48,9 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, ignore_index: int = IGNO
     logits = logits.astype(jnp.float32)
     if logits.shape[1:3] != labels.shape[1:3]:
         if upsample:
-            logits = resize_bilinear(logits, labels.shape[1:3])
+            logits = images.resize_bilinear(logits, labels.shape[1:3])
         else:
-            labels = resize_nearest_labels(labels, logits.shape[1:3])
+            labels = images.resize_nearest(labels, logits.shape[1:3], half_pixel=True)
     labels = labels.astype(jnp.int32)
     valid = (labels != ignore_index) & (labels >= 0) & (labels < num_classes)
     # Void pixels read class 0 so the gather stays in bounds; the mask then zeroes them.

@@ -27,9 +27,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from synseg_jax import evaluate, inputs, methods, paths
+from synseg_jax import evaluate, images, inputs, methods, paths
 from synseg_jax.data import datasets, labels, pipeline
-from synseg_jax.models import layers
 
 SUFFIX = "_pred_labelIds.png"
 COLOUR_SUFFIX = "_color.png"
@@ -67,7 +66,7 @@ def make_predict_step(predict: Callable) -> Callable:
 
     def step(variables, batch):
         logits = predict(variables, batch[pipeline.IMAGE])
-        logits = layers.upsample_bilinear(logits, batch[pipeline.LABEL].shape[1:3])
+        logits = images.resize_bilinear(logits, batch[pipeline.LABEL].shape[1:3])
         return jnp.argmax(logits, axis=-1).astype(jnp.uint8)
 
     return step

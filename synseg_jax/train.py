@@ -20,9 +20,8 @@ import ml_collections
 import numpy as np
 from clu import metric_writers
 
-from synseg_jax import checkpoint, evaluate, inputs, methods, metrics, parallel
-from synseg_jax.data import labels, pipeline
-from synseg_jax.models import layers
+from synseg_jax import checkpoint, evaluate, images, inputs, methods, metrics, parallel
+from synseg_jax.data import labels
 from synseg_jax.state import TrainState
 
 
@@ -62,13 +61,13 @@ def load_pretrained(path: str) -> dict:
 def _image_summaries(state: TrainState, batch: dict, normalization: str,
                      predict_fn, max_images: int = 3) -> dict[str, np.ndarray]:
     source = jax.device_get(batch["source"])
-    images = source["image"][:max_images]
-    rgb = np.clip(pipeline.denormalize(images, normalization), 0, 255).astype(np.uint8)
+    shown = source["image"][:max_images]
+    rgb = images.to_uint8(shown, normalization)
     out = {"train/source_image": rgb}
     if np.ndim(source.get("label")) == 3:  # segmentation: label and prediction, colourised
         seg = state.roles["seg"]
         logits = predict_fn({"params": seg.params, **seg.collections}, batch["source"]["image"])
-        logits = layers.upsample_bilinear(logits, images.shape[1:3])
+        logits = images.resize_bilinear(logits, shown.shape[1:3])
         pred = np.asarray(jax.device_get(jnp.argmax(logits, -1)))[:max_images]
         out["train/source_label"] = labels.colorize(source["label"][:max_images])
         out["train/source_prediction"] = labels.colorize(pred)

@@ -8,7 +8,7 @@ import pytest
 from configs import common
 from synseg_jax import methods
 from synseg_jax.data import datasets, labels
-from synseg_jax.data.pipeline import NORMALIZATIONS
+from synseg_jax.images import NORMALIZATIONS
 from synseg_jax.models import segmenters
 from synseg_jax.recipe import load_config_file
 

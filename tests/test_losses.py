@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from synseg_jax import losses
+from synseg_jax import images, losses
 
 
 def np_log_softmax(x):
@@ -64,7 +64,7 @@ def test_cross_entropy_resizes_logits_like_pytorch_bilinear(rng, src, dst):
     labels = rng.integers(0, 4, (2, *dst))
     labels[:, 0, :] = 255
     resized = np_bilinear_torch(logits.astype(np.float64), *dst)
-    np.testing.assert_allclose(losses.resize_bilinear(jnp.asarray(logits), dst), resized,
+    np.testing.assert_allclose(images.resize_bilinear(jnp.asarray(logits), dst), resized,
                                atol=1e-5)
     got = losses.cross_entropy(jnp.asarray(logits), jnp.asarray(labels))
     np.testing.assert_allclose(got, np_cross_entropy(resized, labels), rtol=1e-5)

@@ -242,19 +242,6 @@ def test_adaptive_avg_pool_matches_pytorch_rule(n_in, bins):
     np.testing.assert_allclose(np.asarray(got), want, atol=1e-5)
 
 
-def test_align_corners_upsample():
-    x = jax.random.normal(jax.random.key(1), (1, 3, 4, 2))
-    up = np.asarray(segmenters.upsample_bilinear_align_corners(x, (5, 7)))
-    # The corner pixels map onto each other.
-    np.testing.assert_allclose(up[0][[0, -1]][:, [0, -1]], np.asarray(x[0])[[0, -1]][:, [0, -1]],
-                               atol=1e-6)
-    # Row 2 of 5 sits exactly on input row 1 (2·(3-1)/(5-1)); column 3 of 7 halfway 1 and 2.
-    np.testing.assert_allclose(up[0, 2, 3], (x[0, 1, 1] + x[0, 1, 2]) / 2, atol=1e-6)
-    # A 1×1 pyramid level is a constant map in either convention.
-    one = jnp.ones((1, 1, 1, 2)) * 3.0
-    np.testing.assert_allclose(segmenters.upsample_bilinear_align_corners(one, (4, 4)), 3.0)
-
-
 def test_feature_fusion_is_se_gated_residual():
     ffm = segmenters.FeatureFusion(8)
     sp, cp = jnp.ones((1, 3, 3, 4)), jax.random.normal(jax.random.key(2), (1, 3, 3, 4))

@@ -57,37 +57,6 @@ def test_max_pool_matches_numpy(size, ceil_mode):
     np.testing.assert_array_equal(np.asarray(got), want)
 
 
-def _np_bilinear_1d(n_in, n_out):
-    """Interpolation matrix of PyTorch's align_corners=False linear resize."""
-    m = np.zeros((n_out, n_in))
-    for i in range(n_out):
-        src = max((i + 0.5) * n_in / n_out - 0.5, 0.0)
-        i0 = min(int(np.floor(src)), n_in - 1)
-        i1 = min(i0 + 1, n_in - 1)
-        frac = src - i0
-        m[i, i0] += 1 - frac
-        m[i, i1] += frac
-    return m
-
-
-@pytest.mark.parametrize("size", [(12, 17), (3, 4), (5, 6)])
-def test_upsample_bilinear_matches_align_corners_false(size):
-    x = np.asarray(jax.random.normal(jax.random.key(0), (2, 5, 6, 3)))
-    rows, cols = _np_bilinear_1d(5, size[0]), _np_bilinear_1d(6, size[1])
-    want = np.einsum("ih,jw,nhwc->nijc", rows, cols, x)
-    got = layers.upsample_bilinear(jnp.asarray(x), size)
-    np.testing.assert_allclose(np.asarray(got), want, atol=1e-5)
-
-
-def test_resize_nearest_pytorch_rule_and_dtype():
-    labels = jnp.arange(4 * 8, dtype=jnp.uint8).reshape(1, 4, 8)
-    up = layers.resize_nearest(labels, (8, 3))
-    assert up.dtype == jnp.uint8 and up.shape == (1, 8, 3)
-    rows, cols = [0, 0, 1, 1, 2, 2, 3, 3], [0, 2, 5]  # floor(i * 4 / 8), floor(j * 8 / 3)
-    np.testing.assert_array_equal(np.asarray(up[0]), np.asarray(labels[0])[rows][:, cols])
-    assert layers.resize_nearest(jnp.zeros((2, 4, 8, 5)), (2, 2)).shape == (2, 2, 2, 5)
-
-
 # ---------------------------------------------------------------------------------------------
 # Gradient reversal
 

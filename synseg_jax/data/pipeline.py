@@ -14,7 +14,7 @@ Crop-box convention
     y = y0 + (i + 0.5) / out_h * (y1 - y0)
     x = x0 + (j + 0.5) / out_w * (x1 - x0)
 
-(``crop_box_grid`` computes this). A horizontally flipped crop stores ``x0 > x1``, so the formula
+(``images.crop_box_grid`` computes this). A horizontally flipped crop stores ``x0 > x1``, so the formula
 stays true without a separate flag. Where the scaled image was smaller than the crop and got
 padded, the box reaches outside [0, 1]: those positions are padding. Resizing keeps the box
 (normalised coordinates do not change); a downstream feature map of size ``(fh, fw)`` aligned by
@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from synseg_jax import parallel
+from synseg_jax import images, parallel
 from synseg_jax.data.labels import IGNORE_LABEL, UNKNOWN
 
 IMAGE = "image"
@@ -50,14 +50,8 @@ INDEX = "index"
 
 FULL_BOX = (0.0, 0.0, 1.0, 1.0)
 
-# DeepLab / Caffe lineage: BGR order, 0..255 range, mean only.
-CAFFE_BGR_MEAN = np.array((104.008, 116.669, 122.679), np.float32)
-IMAGENET_MEAN = np.array((0.485, 0.456, 0.406), np.float32)
-IMAGENET_STD = np.array((0.229, 0.224, 0.225), np.float32)
-NORMALIZATIONS = ("caffe_bgr", "imagenet_rgb")
-
 # Padding colour (RGB, 0..255): the Caffe mean, so padded regions normalise to ~0 in both modes.
-PAD_RGB = tuple(float(v) for v in CAFFE_BGR_MEAN[::-1])
+PAD_RGB = tuple(float(v) for v in images.CAFFE_BGR_MEAN[::-1])
 
 # ITU-R 601 luma weights (also torchvision's), for the saturation and contrast jitter.
 _LUMA = (0.299, 0.587, 0.114)
@@ -108,7 +102,7 @@ class AugmentConfig:
     crop: tuple[int, int] | None = None         # (h, w) random crop; None keeps the whole image
     flip_prob: float = 0.5                      # horizontal flip probability (0 disables)
     jitter: Jitter | None = None
-    normalization: str = "caffe_bgr"            # one of NORMALIZATIONS
+    normalization: str = "caffe_bgr"            # one of images.NORMALIZATIONS
     antialias: bool = True                      # antialias image downscaling (PIL-like)
 
     def __post_init__(self):
@@ -119,16 +113,13 @@ class AugmentConfig:
             raise ValueError("a random scale_range needs a crop size, or batches would vary in size")
         if not 0.0 <= self.flip_prob <= 1.0:
             raise ValueError(f"flip_prob must lie in [0, 1], got {self.flip_prob}")
-        _check_normalization(self.normalization)
+        images.check_normalization(self.normalization)
         for name in ("resize", "crop"):
             size = getattr(self, name)
             if size is not None and (len(size) != 2 or min(size) <= 0):
                 raise ValueError(f"{name} must be a positive (h, w) pair, got {size}")
 
 
-def _check_normalization(mode: str) -> None:
-    if mode not in NORMALIZATIONS:
-        raise ValueError(f"Unknown normalization {mode!r}; expected one of {NORMALIZATIONS}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -270,21 +261,6 @@ def random_flip(image: tf.Tensor, label: tf.Tensor | None, crop_box: tf.Tensor,
     return image, label, crop_box
 
 
-def crop_box_grid(crop_box, out_h: int, out_w: int, xp=np):
-    """Original-image normalised ``(y, x)`` of each output pixel centre (see module docstring).
-
-    ``crop_box`` has shape ``[..., 4]``; returns two arrays of shape ``[..., out_h, out_w]``.
-    ``xp`` is the array module (``numpy`` or ``jax.numpy``, so model code can call it under jit).
-    """
-    box = xp.asarray(crop_box, dtype=xp.float32)
-    y0, x0, y1, x1 = (box[..., k, None, None] for k in range(4))
-    ty = ((xp.arange(out_h, dtype=xp.float32) + 0.5) / out_h)[:, None]
-    tx = ((xp.arange(out_w, dtype=xp.float32) + 0.5) / out_w)[None, :]
-    shape = (*box.shape[:-1], out_h, out_w)
-    return (xp.broadcast_to(y0 + ty * (y1 - y0), shape),
-            xp.broadcast_to(x0 + tx * (x1 - x0), shape))
-
-
 def _gray(image: tf.Tensor) -> tf.Tensor:
     return tf.tensordot(image, tf.constant(_LUMA, tf.float32), axes=[[-1], [0]])[..., None]
 
@@ -325,23 +301,9 @@ def color_jitter(image: tf.Tensor, seed: tf.Tensor, jitter: Jitter) -> tf.Tensor
 
 
 def normalize(image: tf.Tensor, mode: str) -> tf.Tensor:
-    """RGB 0..255 → the model's input space (float32). See ``NORMALIZATIONS``."""
-    _check_normalization(mode)
-    image = tf.cast(image, tf.float32)
-    if mode == "caffe_bgr":
-        return image[..., ::-1] - CAFFE_BGR_MEAN
-    return (image / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
-
-
-def denormalize(x, mode: str):
-    """Inverse of ``normalize``: model input → RGB 0..255 float32, not clipped.
-
-    Plain array arithmetic, so it accepts numpy, jax and TF arrays alike (for logging images).
-    """
-    _check_normalization(mode)
-    if mode == "caffe_bgr":
-        return (x + CAFFE_BGR_MEAN)[..., ::-1]
-    return (x * IMAGENET_STD + IMAGENET_MEAN) * np.float32(255.0)
+    """RGB 0..255 -> the model's input space (float32); see ``images.normalize``."""
+    images.check_normalization(mode)
+    return images.normalize(tf.cast(image, tf.float32), mode)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -533,7 +495,7 @@ def eval_stream(ds: tf.data.Dataset, *, batch_size: int, table: np.ndarray | Non
     ``mask`` [B] is False on filler, whose ``index`` is -1 and label 255. ``index`` is the
     position in ``ds`` plus ``index_offset`` (pass the shard's start to get global indices).
     """
-    _check_normalization(normalization)
+    images.check_normalization(normalization)
     has_label = LABEL in ds.element_spec
     if has_label and table is None:
         raise ValueError(f"Dataset {name!r}: labels need a label table")

@@ -15,8 +15,8 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from synseg_jax import optim
-from synseg_jax.models import layers, segmenters
+from synseg_jax import images, optim
+from synseg_jax.models import segmenters
 from synseg_jax.state import RoleState, TrainState
 
 Batch = dict[str, dict[str, jax.Array]]
@@ -144,4 +144,4 @@ def updates_stats(bn_update: str, domain: str) -> bool:
 
 
 def resize_logits(logits: jax.Array, size: tuple[int, int]) -> jax.Array:
-    return layers.upsample_bilinear(logits, size)
+    return images.resize_bilinear(logits, size)

@@ -32,8 +32,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from synseg_jax import losses, optim
-from synseg_jax.data import pipeline
+from synseg_jax import images, losses, optim
 from synseg_jax.methods import base
 from synseg_jax.methods.source_only import SourceOnly
 from synseg_jax.models import layers, segmenters
@@ -82,7 +81,7 @@ def region_ids(crop_box: jax.Array, out_h: int, out_w: int,
     image) are not valid.
     """
     rows, cols = grid
-    y, x = pipeline.crop_box_grid(crop_box, out_h, out_w, xp=jnp)
+    y, x = images.crop_box_grid(crop_box, out_h, out_w, xp=jnp)
     valid = (y >= 0) & (y <= 1) & (x >= 0) & (x <= 1)
     r = jnp.clip(jnp.floor(y * rows), 0, rows - 1).astype(jnp.int32)
     c = jnp.clip(jnp.floor(x * cols), 0, cols - 1).astype(jnp.int32)

@@ -177,26 +177,3 @@ def grad_reverse(x: jax.Array, scale: float | jax.Array = 1.0) -> jax.Array:
     ``scale`` may be a traced value, e.g. a schedule of the step.
     """
     return _grad_reverse(x, jnp.asarray(scale, jnp.float32))
-
-
-def upsample_bilinear(x: jax.Array, size: Sequence[int]) -> jax.Array:
-    """Bilinear resize of axes 1, 2 to ``size`` = (h, w), like PyTorch's align_corners=False.
-
-    No antialiasing, so downsizing also matches ``F.interpolate(mode="bilinear")`` rather than
-    ``jax.image.resize``'s default area-weighted filter. Works on (N, H, W, C) and (N, H, W).
-    """
-    h, w = size
-    shape = (x.shape[0], h, w) + x.shape[3:]
-    return jax.image.resize(x, shape, method="bilinear", antialias=False)
-
-
-def resize_nearest(x: jax.Array, size: Sequence[int]) -> jax.Array:
-    """Nearest-neighbour resize of axes 1, 2 with PyTorch's ``mode="nearest"`` rule.
-
-    Output pixel i reads input pixel floor(i * in / out), computed exactly in integers. Any dtype
-    (label maps stay integer); works on (N, H, W, C) and (N, H, W).
-    """
-    h, w = size
-    rows = (np.arange(h) * x.shape[1]) // h
-    cols = (np.arange(w) * x.shape[2]) // w
-    return jnp.take(jnp.take(x, rows, axis=1), cols, axis=2)

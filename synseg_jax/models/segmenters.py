@@ -25,8 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from synseg_jax.models.layers import (Conv, ConvBN, batch_norm, conv_padding, resize_nearest,
-                                      upsample_bilinear)
+from synseg_jax import images
+from synseg_jax.models.layers import Conv, ConvBN, batch_norm, conv_padding
 from synseg_jax.models.resnet import ResNet, ResNetClassifier
 from synseg_jax.models.stdc import STAGE_SIZES as STDC_STAGE_SIZES
 from synseg_jax.models.stdc import STDCNet
@@ -146,8 +146,8 @@ class FCN8sHead(nn.Module):
                         bias_init=nn.initializers.zeros, dtype=self.dtype, name=name)(x)
 
         pool3, pool4 = features["pool3"], features["pool4"]
-        x = upsample_bilinear(score("score_fr", features["fc7"]), pool4.shape[1:3])
-        x = upsample_bilinear(x + score("score_pool4", pool4), pool3.shape[1:3])
+        x = images.resize_bilinear(score("score_fr", features["fc7"]), pool4.shape[1:3])
+        x = images.resize_bilinear(x + score("score_pool4", pool4), pool3.shape[1:3])
         return x + score("score_pool3", pool3)
 
 
@@ -194,26 +194,6 @@ def adaptive_avg_pool(x: jax.Array, bins: int) -> jax.Array:
     return jnp.einsum("ih,jw,nhwc->nijc", rows, cols, x)
 
 
-def _align_corners_matrix(n_in: int, n_out: int) -> np.ndarray:
-    """(n_out, n_in) linear interpolation that maps the end pixels onto each other."""
-    m = np.zeros((n_out, n_in), np.float32)
-    scale = (n_in - 1) / (n_out - 1) if n_out > 1 else 0.0
-    for i in range(n_out):
-        src = i * scale
-        i0 = min(int(np.floor(src)), n_in - 1)
-        i1 = min(i0 + 1, n_in - 1)
-        m[i, i0] += 1 - (src - i0)
-        m[i, i1] += src - i0
-    return m
-
-
-def upsample_bilinear_align_corners(x: jax.Array, size: Sequence[int]) -> jax.Array:
-    """Bilinear resize of NHWC like ``F.interpolate(..., align_corners=True)``."""
-    rows = jnp.asarray(_align_corners_matrix(x.shape[1], size[0]), x.dtype)
-    cols = jnp.asarray(_align_corners_matrix(x.shape[2], size[1]), x.dtype)
-    return jnp.einsum("ih,jw,nhwc->nijc", rows, cols, x)
-
-
 class PSPHead(nn.Module):
     """PSPNet's pyramid pooling module and classifier (Zhao et al., CVPR 2017, Sec. 3.2).
 
@@ -235,7 +215,7 @@ class PSPHead(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         conv = functools.partial(ConvBN, bn_mode=self.bn_mode, dtype=self.dtype)
-        upsample = upsample_bilinear_align_corners if self.align_corners else upsample_bilinear
+        upsample = functools.partial(images.resize_bilinear, align_corners=self.align_corners)
         reduced = max(1, x.shape[-1] // len(self.bins))
         levels = [x]
         for b in self.bins:
@@ -369,9 +349,9 @@ class BiSeNetHead(nn.Module):
         g = ConvBN(c, 1, name="global_context", **kw)(
             jnp.mean(f32, axis=(1, 2), keepdims=True), train)
         x = AttentionRefinement(c, name="arm32", **kw)(f32, train) + g
-        ctx16 = ConvBN(c, 3, name="refine32", **kw)(resize_nearest(x, f16.shape[1:3]), train)
+        ctx16 = ConvBN(c, 3, name="refine32", **kw)(images.resize_nearest(x, f16.shape[1:3]), train)
         x = AttentionRefinement(c, name="arm16", **kw)(f16, train) + ctx16
-        ctx8 = ConvBN(c, 3, name="refine16", **kw)(resize_nearest(x, f8.shape[1:3]), train)
+        ctx8 = ConvBN(c, 3, name="refine16", **kw)(images.resize_nearest(x, f8.shape[1:3]), train)
         y = FeatureFusion(fused, name="ffm", **kw)(f8, ctx8, train)
         logits = BiSeNetOutput(fused, self.num_classes, name="out", **kw)(y, train)
         aux16 = BiSeNetOutput(aux_mid, self.num_classes, name="out_ctx16", **kw)(ctx16, train)

@@ -1,0 +1,118 @@
+"""Image conventions every layer shares: normalisation, resizing and crop-box coordinates.
+
+Neutral on purpose: numpy and jax.numpy only, never TensorFlow, so data, models, losses, methods
+and the loop all draw on one definition of each convention. Methods (FDA, reconstruction losses,
+translators) need them under jit, the pipeline in tf.data, the loop on the host.
+
+Resizing conventions differ between the reference codes, and the difference moves mIoU:
+- bilinear with half-pixel centres (PyTorch's ``align_corners=False``), this project's default,
+  or with the end pixels mapped onto each other (``align_corners=True``: STDC-Seg, PSPNet's Caffe
+  Interp, and AdaptSegNet's PyTorch-0.4 port, whose ``nn.Upsample`` behaved so);
+- nearest by PyTorch's ``mode="nearest"`` rule, floor(i * in / out) (BiSeNet's context path), or
+  with half-pixel centres, floor((i + 0.5) * in / out) (``nearest-exact``; label downsizing).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# DeepLab / Caffe lineage: BGR order, 0..255 range, mean subtracted, no scaling.
+CAFFE_BGR_MEAN = np.array((104.008, 116.669, 122.679), np.float32)
+# torchvision / timm lineage: RGB scaled to 0..1, then per-channel mean and std.
+IMAGENET_MEAN = np.array((0.485, 0.456, 0.406), np.float32)
+IMAGENET_STD = np.array((0.229, 0.224, 0.225), np.float32)
+NORMALIZATIONS = ("caffe_bgr", "imagenet_rgb")
+
+
+def check_normalization(mode: str) -> None:
+    if mode not in NORMALIZATIONS:
+        raise ValueError(f"Unknown normalization {mode!r}; expected one of {NORMALIZATIONS}")
+
+
+def normalize(rgb, mode: str):
+    """RGB 0..255 (float) -> the model's input space. Plain arithmetic and slicing, so numpy, jax
+    and (float) TF arrays all work; integer input is promoted by numpy and jax."""
+    check_normalization(mode)
+    if mode == "caffe_bgr":
+        return rgb[..., ::-1] - CAFFE_BGR_MEAN
+    return (rgb / np.float32(255.0) - IMAGENET_MEAN) / IMAGENET_STD
+
+
+def denormalize(x, mode: str):
+    """Inverse of ``normalize``: model input -> RGB 0..255 float32, not clipped."""
+    check_normalization(mode)
+    if mode == "caffe_bgr":
+        return (x + CAFFE_BGR_MEAN)[..., ::-1]
+    return (x * IMAGENET_STD + IMAGENET_MEAN) * np.float32(255.0)
+
+
+def to_uint8(x, mode: str) -> np.ndarray:
+    """Model input -> displayable uint8 RGB on the host (for image summaries), rounded: the float
+    round trip lands a hair below whole values, which truncation would shift down by one."""
+    return np.clip(np.rint(denormalize(np.asarray(x), mode)), 0, 255).astype(np.uint8)
+
+
+def _align_corners_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """(n_out, n_in) linear interpolation that maps the end pixels onto each other."""
+    m = np.zeros((n_out, n_in), np.float32)
+    scale = (n_in - 1) / (n_out - 1) if n_out > 1 else 0.0
+    for i in range(n_out):
+        src = i * scale
+        i0 = min(int(np.floor(src)), n_in - 1)
+        i1 = min(i0 + 1, n_in - 1)
+        m[i, i0] += 1 - (src - i0)
+        m[i, i1] += src - i0
+    return m
+
+
+def resize_bilinear(x: jax.Array, size: Sequence[int], align_corners: bool = False) -> jax.Array:
+    """Bilinear resize of axes 1, 2 of [N, H, W, ...] to ``size`` = (h, w).
+
+    ``align_corners=False`` matches ``F.interpolate(mode="bilinear", align_corners=False)``,
+    including downsizing: no antialiasing filter (jax.image.resize's default would average).
+    """
+    h, w = size
+    if align_corners:
+        rows = jnp.asarray(_align_corners_matrix(x.shape[1], h), x.dtype)
+        cols = jnp.asarray(_align_corners_matrix(x.shape[2], w), x.dtype)
+        return jnp.einsum("ih,jw,nhw...->nij...", rows, cols, x)
+    shape = (x.shape[0], h, w) + tuple(x.shape[3:])
+    return jax.image.resize(x, shape, method="bilinear", antialias=False)
+
+
+def resize_nearest(x: jax.Array, size: Sequence[int], half_pixel: bool = False) -> jax.Array:
+    """Nearest-neighbour resize of axes 1, 2 of [N, H, W, ...]; any dtype, values copied exactly.
+
+    Output pixel i reads input floor(i * in / out) (PyTorch's "nearest"), or with ``half_pixel``
+    floor((i + 0.5) * in / out) ("nearest-exact", jax.image.resize's "nearest"). The indices are
+    computed in numpy at trace time, so labels never pass through floats.
+    """
+    def source(n_out: int, n_in: int) -> np.ndarray:
+        if half_pixel:
+            return np.minimum((2 * np.arange(n_out) + 1) * n_in // (2 * n_out), n_in - 1)
+        return np.arange(n_out) * n_in // n_out
+
+    rows, cols = source(size[0], x.shape[1]), source(size[1], x.shape[2])
+    return jnp.take(jnp.take(x, rows, axis=1), cols, axis=2)
+
+
+def crop_box_grid(crop_box, out_h: int, out_w: int, xp=np):
+    """Original-image normalised ``(y, x)`` of each output pixel centre of a crop.
+
+    ``crop_box`` is ``[..., 4]`` = (y0, x0, y1, x1) in normalised coordinates of the original
+    image (pixel edges: 0 = top/left edge, 1 = bottom/right edge; a flipped crop has x0 > x1).
+    Pixel (i, j) of an ``out_h x out_w`` crop has its centre at
+    ``y0 + (i + 0.5) / out_h * (y1 - y0)``, likewise for x. Returns two ``[..., out_h, out_w]``
+    arrays. ``xp`` is numpy or jax.numpy (under jit).
+    """
+    box = xp.asarray(crop_box, dtype=xp.float32)
+    y0, x0, y1, x1 = (box[..., k, None, None] for k in range(4))
+    ty = ((xp.arange(out_h, dtype=xp.float32) + 0.5) / out_h)[:, None]
+    tx = ((xp.arange(out_w, dtype=xp.float32) + 0.5) / out_w)[None, :]
+    shape = (*box.shape[:-1], out_h, out_w)
+    return (xp.broadcast_to(y0 + ty * (y1 - y0), shape),
+            xp.broadcast_to(x0 + tx * (x1 - x0), shape))
