@@ -20,12 +20,14 @@ def minicity_options(data: ml_collections.ConfigDict) -> MinicityOptions:
                                   num_examples=counts)
 
 
-def open_split(data: ml_collections.ConfigDict, name: str, split: str) -> datasets.SplitData:
+def open_split(data: ml_collections.ConfigDict, name: str, split: str,
+               with_names: bool = False) -> datasets.SplitData:
     # Restrict TF to the CPU: it must never take accelerator memory from JAX.
     tf.config.set_visible_devices([], "GPU")
     return datasets.open_split(
         name, split, data_dir=data.data_dir or None, process_index=jax.process_index(),
-        process_count=jax.process_count(), minicity_options=minicity_options(data))
+        process_count=jax.process_count(), minicity_options=minicity_options(data),
+        with_names=with_names)
 
 
 def augment_config(data: ml_collections.ConfigDict, resize) -> pipeline.AugmentConfig:

@@ -16,10 +16,11 @@ Runs in one process on one device: exporting is bound by PNG writing and needs n
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 
 import jax
 import jax.numpy as jnp
@@ -87,7 +88,7 @@ def example_names(dataset: str, split: str, *, data_dir: str | None = None,
     builder = datasets.builder(dataset, split, data_dir=data_dir,
                                minicity_options=minicity_options)
     features = builder.info.features
-    key = "name" if "name" in features else "scene_id" if "scene_id" in features else None
+    key = datasets.name_key(builder)
     if key is None:
         raise ValueError(f"{dataset}/{split} stores no example names")
     skip = {k: tfds.decode.SkipDecoding() for k, f in features.items()
@@ -98,18 +99,24 @@ def example_names(dataset: str, split: str, *, data_dir: str | None = None,
             for e in ds.map(lambda e: {key: e[key]}).as_numpy_iterator()]
 
 
-def export_batches(step: Callable, variables, batches: Iterable[dict], names: Sequence[str],
+def export_batches(step: Callable, variables, batches: Iterable[dict], num_examples: int,
                    out_dir: str, colour_dir: str | None = None) -> list[str]:
-    """Runs ``step`` on every batch and writes each real (unmasked) example; returns the paths."""
+    """Runs ``step`` on every batch and writes each real (unmasked) example under the name it
+    carries in the batch; returns the paths. Every example must be written exactly once."""
     written = []
     for batch in batches:
-        preds = np.asarray(step(variables, batch))
-        for index, keep, pred in zip(batch[pipeline.INDEX], batch[pipeline.MASK], preds):
+        arrays = {k: v for k, v in batch.items() if k != pipeline.NAME}  # strings stay on host
+        preds = np.asarray(step(variables, arrays))
+        for name, keep, pred in zip(batch[pipeline.NAME], batch[pipeline.MASK], preds):
             if keep:
-                written.append(write_prediction(out_dir, names[int(index)], pred, colour_dir))
-    if len(written) != len(names) or len(set(written)) != len(written):
+                written.append(write_prediction(out_dir, file_safe(name.decode()), pred,
+                                                 colour_dir))
+    counts = collections.Counter(written)
+    repeated = sorted(os.path.basename(p) for p, n in counts.items() if n > 1)
+    if len(written) != num_examples or repeated:
         raise RuntimeError(
-            f"Wrote {len(set(written))} distinct predictions for {len(names)} examples")
+            f"Wrote {len(counts)} distinct predictions for {num_examples} examples"
+            + (f"; written more than once: {repeated[:5]}" if repeated else ""))
     return written
 
 
@@ -119,17 +126,15 @@ def export_split(config, predict: Callable, variables, dataset: str, split: str,
     if jax.process_count() != 1:
         raise NotImplementedError("predict runs in a single process")
     data = config.data
-    opened = inputs.open_split(data, dataset, split)
+    opened = inputs.open_split(data, dataset, split, with_names=True)
     if opened.task != "segmentation":
         raise ValueError(f"{opened.description} is not a segmentation split")
-    names = example_names(dataset, split, data_dir=data.data_dir or None,
-                          minicity_options=inputs.minicity_options(data))
     ds = pipeline.eval_stream(opened.dataset, batch_size=data.eval_batch_size,
                               table=opened.label_table, image_size=tuple(data.eval_size) or None,
                               normalization=data.normalization, name=opened.description)
     batches = pipeline.HostIterator(ds, name=f"{dataset}/{split}")
     step = jax.jit(make_predict_step(predict))
-    written = export_batches(step, variables, batches, names, out_dir, colour_dir)
+    written = export_batches(step, variables, batches, opened.num_examples, out_dir, colour_dir)
     logging.info("Wrote %d predictions of %s to %s", len(written), opened.description, out_dir)
     return written
 

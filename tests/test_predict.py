@@ -180,3 +180,26 @@ def test_predict_command_on_a_checkpoint(tmp_path):
         stored = np.asarray(Image.open(out / f"{name}{predict.SUFFIX}"))
         assert stored.shape == (32, 64)  # the label size, not the (16, 32) eval size
         assert set(np.unique(stored).tolist()) <= valid_ids
+
+
+def test_export_writes_each_example_under_its_own_name_exactly_once(tmp_path):
+    """Names travel with their images in the batch; a repeated or missing example is an error
+    that names it, never a silently overwritten PNG."""
+    def batch(names, keep):
+        return {"image": np.zeros((len(names), 2, 2, 3), np.float32),
+                "label": np.zeros((len(names), 2, 2), np.uint8),
+                "mask": np.asarray(keep), "name": np.asarray(names, object)}
+
+    def step(variables, arrays):
+        assert "name" not in arrays  # strings never reach the jitted step
+        return np.full(arrays["label"].shape, 7, np.uint8)
+
+    good = [batch([b"a_1", b"b_2"], [True, True]), batch([b"c/3", b""], [True, False])]
+    paths = predict.export_batches(step, None, good, 3, str(tmp_path / "ok"))
+    assert [os.path.basename(p) for p in paths] == [
+        f"a_1{predict.SUFFIX}", f"b_2{predict.SUFFIX}", f"c_3{predict.SUFFIX}"]
+    repeated = [batch([b"a_1", b"b_2"], [True, True]), batch([b"a_1", b""], [True, False])]
+    with pytest.raises(RuntimeError, match="a_1_pred_labelIds.png"):
+        predict.export_batches(step, None, repeated, 3, str(tmp_path / "bad"))
+    with pytest.raises(RuntimeError, match="2 distinct predictions for 3"):
+        predict.export_batches(step, None, good[:1], 3, str(tmp_path / "short"))

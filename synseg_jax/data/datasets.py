@@ -114,21 +114,35 @@ def builder(name: str, split: str, *, data_dir: str | None = None,
     return _builder(name, split, data_dir or default_data_dir(), minicity_options)
 
 
-def _decode(task: str):
+def name_key(builder) -> str | None:
+    """The feature holding an example's stored name: real datasets store ``name``
+    (``<city>_<seq>_<frame>`` for Cityscapes), minicity ``scene_id``."""
+    features = builder.info.features
+    return next((key for key in ("name", "scene_id") if key in features), None)
+
+
+def _decode(task: str, names_from: str | None):
     def decode(example):
         out = {"image": example["image"]}
         if task == "segmentation":
             out["label"] = example["label"][..., 0]
         else:
             out["label"] = tf.cast(example["label"], tf.int32)
+        if names_from:
+            out["name"] = example[names_from]
         return out
     return decode
 
 
 def open_split(name: str, split: str, *, data_dir: str | None = None,
                process_index: int = 0, process_count: int = 1,
-               minicity_options: minicity_builders.MinicityOptions | None = None) -> SplitData:
-    """This process's contiguous share of `name/split`, in stored (deterministic) order."""
+               minicity_options: minicity_builders.MinicityOptions | None = None,
+               with_names: bool = False) -> SplitData:
+    """This process's contiguous share of `name/split`, in stored (deterministic) order.
+
+    ``with_names`` keeps each example's stored name (a string "name") beside its image, so a
+    consumer that writes files per example never has to join two reads by position.
+    """
     check_split(name, split)
     data_dir = data_dir or default_data_dir()
     builder = _builder(name, split, data_dir, minicity_options)
@@ -139,7 +153,13 @@ def open_split(name: str, split: str, *, data_dir: str | None = None,
     shard = tfds.even_splits(split, n=process_count, drop_remainder=False)[process_index]
     dataset = builder.as_dataset(split=shard, shuffle_files=False)
     task = spec(name).task(split)
-    dataset = dataset.map(_decode(task), num_parallel_calls=tf.data.AUTOTUNE)
+    names_from = None
+    if with_names:
+        names_from = name_key(builder)
+        if names_from is None:
+            raise ValueError(f"{description} stores no example names")
+    dataset = dataset.map(_decode(task, names_from), num_parallel_calls=tf.data.AUTOTUNE,
+                          deterministic=True)
     return SplitData(
         dataset=dataset,
         num_examples=builder.info.splits[shard].num_examples,

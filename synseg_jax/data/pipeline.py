@@ -47,6 +47,7 @@ CROP_BOX = "crop_box"
 UNKNOWN_PIXELS = "unknown_label_pixels"
 MASK = "mask"
 INDEX = "index"
+NAME = "name"  # optional: an example's stored name (eval streams keep it when present)
 
 FULL_BOX = (0.0, 0.0, 1.0, 1.0)
 
@@ -460,7 +461,7 @@ def _count(ds: tf.data.Dataset, name: str) -> int:
     return card
 
 
-_PAD_FILL = {LABEL: IGNORE_LABEL, INDEX: -1, MASK: False}
+_PAD_FILL = {LABEL: IGNORE_LABEL, INDEX: -1, MASK: False, NAME: b""}
 
 
 def _pad_batch(batch: dict, batch_size: int) -> dict:
@@ -494,6 +495,7 @@ def eval_stream(ds: tf.data.Dataset, *, batch_size: int, table: np.ndarray | Non
     and then whole filler batches up to ``num_batches`` (so all processes run equal steps);
     ``mask`` [B] is False on filler, whose ``index`` is -1 and label 255. ``index`` is the
     position in ``ds`` plus ``index_offset`` (pass the shard's start to get global indices).
+    A ``name`` in ``ds`` is kept (b"" on filler).
     """
     images.check_normalization(normalization)
     has_label = LABEL in ds.element_spec
@@ -525,6 +527,8 @@ def eval_stream(ds: tf.data.Dataset, *, batch_size: int, table: np.ndarray | Non
         out = {IMAGE: normalize(image, normalization),
                INDEX: tf.cast(index, tf.int32) + index_offset,
                MASK: tf.constant(True)}
+        if NAME in example:
+            out[NAME] = example[NAME]
         if has_label:
             label, out[UNKNOWN_PIXELS] = map_labels(example[LABEL], table)
             if label_hw:  # image-level (scalar) labels have no size to check
