@@ -34,7 +34,7 @@ CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))
 ROWS = {
     "nonadapt": ("NonAdapt (source only)", "", "", "", "method.dist=False,method.spt=False"),
     "frozen": ("frozen first layers (Fig. 4 fr)", "", "", "",
-               "method.dist=False,method.spt=False,optim.frozen_prefixes={frozen}"),
+               "method.dist=False,method.spt=False,optim.seg.frozen_prefixes={frozen}"),
     "source_dist": ("source distillation (Fig. 4 sd)", "source", "", "",
                     "method.spt=False,method.dist_domain=source"),
     "dist": ("target-guided distillation (dst)", "target", "", "", "method.spt=False"),

@@ -72,16 +72,8 @@ def base_config() -> ml_collections.ConfigDict:
     mo.init_weights = ""  # path of imported ImageNet params ("demo": minicity-objects pretraining)
     mo.init_scope = "backbone"  # which subtree init_weights provides ("": the whole segmenter)
 
-    c.optim = o = ml_collections.ConfigDict()
-    o.kind = "sgd"  # segmenter optimiser (DeepLabV2 family: SGD)
-    o.lr = 2.5e-4  # DeepLabV2 / AdaptSegNet
-    o.momentum = 0.9
-    o.weight_decay = 5e-4
-    o.head_lr_mult = 10.0  # classifier learns 10x faster (DeepLab)
-    o.poly_power = 0.9  # poly decay (1 - it/max)^0.9
-    o.schedule_steps = 250_000  # poly horizon (AdaptSegNet: 250k, stopped earlier)
-    o.freeze_bn_affine = True  # reference code freezes BN scale/bias
-    o.frozen_prefixes = ()  # parameter path prefixes never updated (e.g. ROAD "frozen" ablation)
+    # One section per optimised role (optim.seg, optim.disc, ...), each with its own optax state.
+    c.optim = ml_collections.ConfigDict({"seg": optimizer_section()})
 
     c.train = t = ml_collections.ConfigDict()
     t.steps = 120_000  # AdaptSegNet stops at 120k of the 250k schedule
@@ -105,7 +97,6 @@ def base_config() -> ml_collections.ConfigDict:
     me.grid = (3, 3)  # (rows, cols) regions of the original image (ROAD Sec. 4.4: 3x3 best)
     me.lambda_spt = 0.01  # lambda_2 of Eq. 5 (ROAD Sec. 3.3)
     me.disc_hidden = (1024, 1024)  # 1x1-conv widths per region classifier (DANN's, ROAD ref [8])
-    me.disc_lr_mult = 10.0  # region classifiers' lr / optim.lr: new layers, like the seg head
 
     c.pretrain = p = ml_collections.ConfigDict()
     # demo: the config that makes init_weights when it is missing (this folder's pretrain.py)
@@ -113,6 +104,28 @@ def base_config() -> ml_collections.ConfigDict:
     p.workdir = ""  # "" -> <workdir>/../pretrain_<backbone key>
     p.overrides = ""  # extra "key=value,..." for the pretraining config (e.g. train.steps=100)
     return c
+
+
+def optimizer_section(**fields) -> ml_collections.ConfigDict:
+    """One role's optimiser. Defaults: the DeepLabV2 segmenter of AdaptSegNet; `fields` override
+    them (values or FieldReferences to another role's fields, which then follow that role)."""
+    o = ml_collections.ConfigDict()
+    o.kind = "sgd"  # "sgd" (PyTorch SGD), "adam" (L2 decay in the gradient) or "adamw" (decoupled)
+    o.lr = 2.5e-4  # DeepLabV2 / AdaptSegNet segmenter
+    o.schedule = "poly"  # "poly": lr (1 - step/schedule_steps)^poly_power; "constant"
+    o.poly_power = 0.9  # DeepLab's poly power
+    o.schedule_steps = 250_000  # poly horizon (AdaptSegNet: 250k, stopped earlier)
+    o.momentum = 0.9  # SGD momentum (DeepLab)
+    o.betas = (0.9, 0.99)  # Adam betas of the adaptation papers' discriminators (AdaptSegNet)
+    o.weight_decay = 5e-4  # DeepLab's SGD; Adam roles of the reference codes use 0
+    o.head_lr_mult = 10.0  # parameters under a "head"/"classifier" learn 10x faster (DeepLab)
+    o.freeze_bn_affine = True  # reference code freezes BN scale/bias
+    o.frozen_prefixes = ()  # parameter path prefixes never updated (e.g. ROAD "frozen" ablation)
+    for key, value in fields.items():
+        if key not in o:
+            raise KeyError(f"Unknown optimiser field {key!r}; fields: {sorted(o.keys())}")
+        o[key] = value
+    return o
 
 
 def _demo(c: ml_collections.ConfigDict) -> None:
@@ -132,8 +145,8 @@ def _demo(c: ml_collections.ConfigDict) -> None:
     mo.width = 0.25
     mo.style = "caffe"  # the demo's own pretraining; DeepLabV2's style
     mo.init_weights = "demo"
-    c.optim.lr = 1e-2  # small nets from a small pretraining take a larger step than 2.5e-4
-    c.optim.schedule_steps = 1500
+    c.optim.seg.lr = 1e-2  # small nets from a small pretraining take a larger step than 2.5e-4
+    c.optim.seg.schedule_steps = 1500
     t = c.train
     t.steps = 1500
     t.batch_size = 8

@@ -14,10 +14,10 @@ def get_config(arg: str | None = None):
     config.model.bn_mode = "train"  # a classifier trained from scratch learns its BN statistics
     config.model.output_stride = 32
     config.model.init_weights = ""
-    config.optim.lr = 0.1  # ResNet ImageNet recipe (He et al.), scaled down with the batch below
-    config.optim.weight_decay = 1e-4  # ResNet ImageNet recipe
-    config.optim.head_lr_mult = 1.0
-    config.optim.freeze_bn_affine = False
+    config.optim.seg.lr = 0.1  # ResNet ImageNet recipe (He et al.), scaled down with the batch below
+    config.optim.seg.weight_decay = 1e-4  # ResNet ImageNet recipe
+    config.optim.seg.head_lr_mult = 1.0
+    config.optim.seg.freeze_bn_affine = False
     return common.finalize(config, arg, {p: _objects for p in common.PRESETS})
 
 
@@ -31,8 +31,8 @@ def _objects(config):
     d.scale_range = (1.0, 1.0)
     config.model.init_weights = ""
     config.model.output_stride = 32
-    config.optim.lr = 0.05
-    config.optim.schedule_steps = 1200
+    config.optim.seg.lr = 0.05
+    config.optim.seg.schedule_steps = 1200
     t = config.train
     t.steps = 1200
     t.batch_size = 32

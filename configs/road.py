@@ -8,7 +8,7 @@ PSPNet starts from torchvision's ImageNet ResNet-101 (model.style "" picks its t
 
 Ablations (Table 1, Figs. 4 and 6) are method keys: `method.dist=False` ("spt" only),
 `method.spt=False` ("dst" only), both False (NonAdapt), `method.dist_domain=source` (source
-distillation), `method.dist=False,method.spt=False,optim.frozen_prefixes=(...)` (frozen first
+distillation), `method.dist=False,method.spt=False,optim.seg.frozen_prefixes=(...)` (frozen first
 layers; prefixes are compared component-wise, e.g. ("backbone/stem", "backbone/layer1_0") for the
 demo ResNet, ("backbone/conv1_1", "backbone/conv1_2", ...) for VGG), `method.grid=(2,1)` etc.
 A key without dots names the one field it ends (`road.py:gta5,dist=False,grid=(2,2)`).
@@ -34,10 +34,16 @@ def get_config(arg: str | None = None):
     # per pixel as 1x1 convs: C -> 1024 -> 1024 -> 2.
     m.disc_hidden = (1024, 1024)
     # Paper silent on its optimiser. With the GRL, Eq. 5 is ONE loss minimised jointly ("directly
-    # using conventional optimization methods like SGD", Sec. 3.2), so the classifiers use the
-    # segmenter's optimiser and schedule (SGD, poly) with the 10x lr of freshly added layers, as
-    # the DeepLab classifier head gets (DANN's and DeepLab's Caffe convention for new layers).
-    m.disc_lr_mult = 10.0
+    # using conventional optimization methods like SGD", Sec. 3.2), so the region classifiers
+    # (role "disc") use the segmenter's optimiser and schedule (SGD, poly), with 10x its lr as
+    # freshly added layers, like the DeepLab classifier head (DANN's and DeepLab's convention).
+    # The fields follow optim.seg's (derived references: setting one sets disc's alone).
+    seg = config.optim.seg
+    followed = ("kind", "schedule", "poly_power", "schedule_steps", "momentum", "betas",
+                "weight_decay")
+    config.optim.disc = common.optimizer_section(
+        lr=seg.get_ref("lr") * 10.0, head_lr_mult=1.0,
+        **{k: seg.get_ref(k).identity() for k in followed})
     return common.finalize(config, arg, {"demo": _demo, "gta5": _paper, "synthia": _paper})
 
 
@@ -50,7 +56,7 @@ def _paper(config):
     d = config.data
     d.crop = (321, 321)  # 321x321 patches (Sec. 4.1); the resize before cropping: common's
     d.normalization = "caffe_bgr"  # DeepLab lineage ("Similar with [1]", Sec. 4.1)
-    o = config.optim
+    o = config.optim.seg
     o.kind = "sgd"  # DeepLab [1]: SGD, momentum 0.9, weight decay 5e-4, 10x head lr
     o.lr = 2.5e-4  # Sec. 4.1
     o.poly_power = 0.9  # "poly" policy (Sec. 4.1), DeepLab's power 0.9
@@ -67,7 +73,7 @@ def _demo(config):
     # Measured on the 2-core CPU (see the report / benchmarks/road_ablation.py): ROAD runs ~2x a
     # source-only step (two domains + the teacher), so fewer steps than common's demo 1500.
     config.train.steps = 600
-    config.optim.schedule_steps = 600
+    config.optim.seg.schedule_steps = 600
     config.train.eval_every = 300
     config.train.checkpoint_every = 300
     config.train.image_every = 300

@@ -140,7 +140,7 @@ def _scaled(lr: ScalarOrSchedule, mult: float) -> ScalarOrSchedule:
     return mult * lr
 
 
-def make_optimizer(kind: Literal["sgd", "adam"], lr_schedule: ScalarOrSchedule,
+def make_optimizer(kind: Literal["sgd", "adam", "adamw"], lr_schedule: ScalarOrSchedule,
                    momentum: float = 0.9, weight_decay: float | None = None,
                    betas: tuple[float, float] = (0.9, 0.99), eps: float = 1e-8,
                    head_lr_mult: float = 10.0, head_predicate: PathPredicate = is_head,
@@ -151,6 +151,7 @@ def make_optimizer(kind: Literal["sgd", "adam"], lr_schedule: ScalarOrSchedule,
       kind: "sgd": PyTorch's SGD: g += wd * p, then momentum buf = momentum * buf + g, then
         p -= lr * buf (no dampening, no Nesterov). "adam": PyTorch's Adam with L2 weight decay
         (g += wd * p before the moments, i.e. not AdamW) and ``betas``, ``eps`` outside the sqrt.
+        "adamw": PyTorch's AdamW, the decay decoupled from the moments (p -= lr * wd * p).
       lr_schedule: a float or a step -> lr function, e.g. ``poly_schedule``; it is the body lr.
       momentum: SGD momentum; ignored by Adam.
       weight_decay: None picks the papers' default per kind: 5e-4 for SGD (DeepLab), 0 for Adam
@@ -180,8 +181,18 @@ def make_optimizer(kind: Literal["sgd", "adam"], lr_schedule: ScalarOrSchedule,
                 optax.scale_by_adam(b1=betas[0], b2=betas[1], eps=eps),
                 optax.scale_by_learning_rate(lr),
             )
+    elif kind == "adamw":
+        wd = 1e-2 if weight_decay is None else weight_decay  # PyTorch AdamW's default
+
+        def role_chain(lr):
+            # Decoupled decay: p -= lr * (adam_update + wd * p), PyTorch's AdamW.
+            return optax.chain(
+                optax.scale_by_adam(b1=betas[0], b2=betas[1], eps=eps),
+                optax.add_decayed_weights(wd) if wd else optax.identity(),
+                optax.scale_by_learning_rate(lr),
+            )
     else:
-        raise ValueError(f"unknown optimizer kind {kind!r}; expected 'sgd' or 'adam'")
+        raise ValueError(f"unknown optimizer kind {kind!r}; expected 'sgd', 'adam' or 'adamw'")
 
     transforms = {
         BODY: role_chain(lr_schedule),

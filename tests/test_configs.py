@@ -48,17 +48,17 @@ def test_config_loads_and_every_name_resolves(path, preset):
 def test_unknown_key_and_bad_value_are_named():
     with pytest.raises(KeyError, match="train.stepz.*train.steps"):
         load_config_file(os.path.join(CONFIG_DIR, "source_only.py"), "demo,train.stepz=3")
-    with pytest.raises(ValueError, match="'optim.lr'"):
-        load_config_file(os.path.join(CONFIG_DIR, "source_only.py"), "demo,optim.lr=fast")
+    with pytest.raises(ValueError, match="'optim.seg.lr'"):
+        load_config_file(os.path.join(CONFIG_DIR, "source_only.py"), "demo,optim.seg.lr=fast")
     with pytest.raises(ValueError, match="Unknown preset 'gta6'.*gta5"):
         load_config_file(os.path.join(CONFIG_DIR, "source_only.py"), "gta6")
 
 
 def test_overrides_parse_to_the_field_type():
     config = load_config_file(os.path.join(CONFIG_DIR, "source_only.py"),
-                              "gta5,data.crop=(256,512),optim.lr=1,model.multi_level=True")
+                              "gta5,data.crop=(256,512),optim.seg.lr=1,model.multi_level=True")
     assert config.data.crop == (256, 512)
-    assert config.optim.lr == 1.0 and isinstance(config.optim.lr, float)
+    assert config.optim.seg.lr == 1.0 and isinstance(config.optim.seg.lr, float)
     assert config.model.multi_level is True
     assert config.data.source == "gta5"
 

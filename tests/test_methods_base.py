@@ -12,7 +12,7 @@ from synseg_jax.methods import base
 def _role():
     config = source_only.get_config("demo,model.width=0.125,model.init_weights=")
     model = base.segmenter_from_config(config.model)
-    tx, _ = base.optimizer_from_config(config.optim)
+    tx = base.role_optimizer(config.optim, "seg").tx
     return base.init_role(model, jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), tx), tx
 
 
@@ -41,3 +41,54 @@ def test_with_pretrained_rejects_other_shapes():
     wrong = jax.tree_util.tree_map(lambda x: np.zeros(x.shape + (1,), x.dtype), role.params["backbone"])
     with pytest.raises(ValueError, match="'backbone' params do not fit"):
         base.with_pretrained(role, {"params": wrong}, "backbone", tx)
+
+
+# ------------------------------------------------------------------------------------------------
+# Per-role optimisers and the supervised loss.
+
+from configs import road  # noqa: E402
+from synseg_jax import losses  # noqa: E402
+
+
+def test_each_role_has_its_own_optimiser_section():
+    config = road.get_config("demo,optim.seg.lr=0.02,optim.seg.schedule_steps=40")
+    # ROAD's region classifiers follow the segmenter's section, at 10x its lr, until set.
+    assert config.optim.disc.lr == pytest.approx(0.2)
+    assert config.optim.disc.schedule_steps == 40 and config.optim.disc.head_lr_mult == 1.0
+    own = road.get_config("demo,optim.disc.kind=adam,optim.disc.lr=1e-4,optim.disc.betas=(0.5,0.9)")
+    assert own.optim.disc.kind == "adam" and own.optim.seg.kind == "sgd"
+    assert own.optim.disc.lr == 1e-4 and own.optim.seg.lr == 1e-2
+    opt = base.role_optimizer(own.optim, "disc")
+    metrics = opt.lr_metrics(jnp.asarray(0))
+    assert set(metrics) == {"lr/disc"} and float(metrics["lr/disc"]) == pytest.approx(1e-4)
+    seg = base.role_optimizer(own.optim, "seg").lr_metrics(jnp.asarray(0))
+    assert set(seg) == {"lr/seg", "lr/seg_head"}
+    with pytest.raises(ValueError, match="no section for role 'gen'"):
+        base.role_optimizer(own.optim, "gen")
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adam", "adamw"])
+def test_role_optimiser_kinds_follow_pytorch_first_step(kind):
+    """One update on p = 1 with gradient g = 0.5 and lr 0.1, decay 0.01, as PyTorch computes it."""
+    config = road.get_config(f"demo,optim.disc.kind={kind},optim.disc.lr=0.1,"
+                             "optim.disc.weight_decay=0.01,optim.disc.schedule=constant")
+    tx = base.role_optimizer(config.optim, "disc").tx
+    params = {"w": jnp.ones(3)}
+    updates, _ = tx.update({"w": jnp.full(3, 0.5)}, tx.init(params), params)
+    new = np.asarray(params["w"] + updates["w"])
+    want = {"sgd": 1 - 0.1 * (0.5 + 0.01),  # L2 in the gradient, momentum buffer = g
+            "adam": 1 - 0.1 * 1.0,  # the first Adam step is lr * sign(g) (bias-corrected)
+            "adamw": 1 - 0.1 * (1.0 + 0.01)}[kind]
+    np.testing.assert_allclose(new, want, rtol=1e-4)
+
+
+def test_supervised_loss_weights_every_auxiliary_output():
+    rng = np.random.default_rng(0)
+    labels = jnp.asarray(rng.integers(0, 4, (2, 8, 8)))
+    out = {k: jnp.asarray(rng.normal(size=(2, 4, 4, 4)), jnp.float32)
+           for k in ("logits", "aux_logits", "aux_logits2")}
+    total, terms = base.supervised_loss(out, labels, 0.5)
+    ce = {k: losses.cross_entropy(v, labels) for k, v in out.items()}
+    assert set(terms) == {"loss/seg", "loss/seg_aux", "loss/seg_aux2"}
+    np.testing.assert_allclose(total, ce["logits"] + 0.5 * (ce["aux_logits"] + ce["aux_logits2"]),
+                               rtol=1e-6)

@@ -101,7 +101,7 @@ def _seg_shapes(config):
 
 def test_non_finite_loss_stops_with_step_and_term_and_keeps_last_good_checkpoint(data_dir, tmp_path):
     workdir = str(tmp_path / "run")
-    config = tiny_config(data_dir, "optim.lr=1e30", "train.checkpoint_every=1", "train.eval_every=0",
+    config = tiny_config(data_dir, "optim.seg.lr=1e30", "train.checkpoint_every=1", "train.eval_every=0",
                          "train.steps=8")
     with pytest.raises(train.NonFiniteLossError, match=r"step \d+: loss/seg = (nan|inf)") as err:
         train.train_and_evaluate(config, workdir)

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from synseg_jax import images, optim
+from synseg_jax import images, losses, optim
 from synseg_jax.models import segmenters
 from synseg_jax.state import RoleState, TrainState
 
@@ -65,16 +65,73 @@ def resnet_style(model: ml_collections.ConfigDict) -> str:
     return defaults.get("style", "")
 
 
-def optimizer_from_config(o: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation, Any]:
-    """The segmenter's optimiser and its body-lr schedule (for logging)."""
-    schedule = optim.poly_schedule(o.lr, o.schedule_steps, o.poly_power)
+@dataclasses.dataclass(frozen=True)
+class RoleOptimizer:
+    """One optimised role's optax transformation and its body-lr schedule (for logging)."""
+
+    role: str
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+    head_lr_mult: float
+
+    def lr_metrics(self, step: jax.Array) -> Metrics:
+        """"lr/<role>" (and "lr/<role>_head" when the head learns at another rate)."""
+        lrs = optim.current_lrs(self.schedule, step, self.head_lr_mult)
+        out = {f"lr/{self.role}": lrs["base"]}
+        if self.head_lr_mult != 1.0:
+            out[f"lr/{self.role}_head"] = lrs["head"]
+        return out
+
+
+def role_optimizer(optim_config: ml_collections.ConfigDict, role: str) -> RoleOptimizer:
+    """The optimiser of `role` from its section `config.optim.<role>`."""
+    if role not in optim_config:
+        raise ValueError(f"config.optim has no section for role {role!r}; sections: "
+                         f"{sorted(optim_config.keys())} (add one with "
+                         f"configs.common.optimizer_section)")
+    o = optim_config[role]
+    if o.schedule == "poly":
+        schedule = optim.poly_schedule(o.lr, o.schedule_steps, o.poly_power)
+    elif o.schedule == "constant":
+        schedule = optax.constant_schedule(o.lr)
+    else:
+        raise ValueError(f"optim.{role}.schedule must be 'poly' or 'constant', got {o.schedule!r}")
     frozen = [optim.under_prefixes([tuple(p.split("/")) for p in o.frozen_prefixes])]
     if o.freeze_bn_affine:
         frozen.append(optim.is_batchnorm)
     tx = optim.make_optimizer(
         o.kind, schedule, momentum=o.momentum, weight_decay=o.weight_decay,
-        head_lr_mult=o.head_lr_mult, frozen_predicate=optim.any_of(*frozen))
-    return tx, schedule
+        betas=tuple(o.betas), head_lr_mult=o.head_lr_mult,
+        frozen_predicate=optim.any_of(*frozen))
+    return RoleOptimizer(role, tx, schedule, o.head_lr_mult)
+
+
+def init_segmenter(module: nn.Module, rng: jax.Array, sample: jax.Array,
+                   tx: optax.GradientTransformation, pretrained: dict | None,
+                   scope: str) -> RoleState:
+    """A trained segmenter role: fresh init, then the pretrained `scope` subtree when given."""
+    return with_pretrained(init_role(module, rng, sample, tx), pretrained, scope, tx)
+
+
+def supervised_loss(out: dict, labels: jax.Array, aux_weight: float) -> tuple[jax.Array, dict]:
+    """Cross-entropy on "logits" plus `aux_weight` x that of every auxiliary output.
+
+    Every "aux_logits*" output counts: DeepLabV2 multi-level and PSPNet have one ("aux_logits",
+    logged as loss/seg_aux), BiSeNet two ("aux_logits2" too, loss/seg_aux2), which its reference
+    code adds with weight 1.
+    """
+    total = losses.cross_entropy(out["logits"], labels)
+    terms = {"loss/seg": total}
+    for key in sorted(k for k in out if k.startswith("aux_logits")):
+        aux = losses.cross_entropy(out[key], labels)
+        terms["loss/seg_" + key.replace("_logits", "")] = aux
+        total = total + aux_weight * aux
+    return total, terms
+
+
+def predict_logits(module: nn.Module, variables: dict, images: jax.Array) -> jax.Array:
+    """A segmenter's main logits in inference mode (what evaluation and export read)."""
+    return module.apply(variables, images, train=False)["logits"]
 
 
 def init_role(module: nn.Module, rng: jax.Array, sample: jax.Array,

@@ -7,7 +7,6 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from synseg_jax import optim
 from synseg_jax.methods import base
 from synseg_jax.models import segmenters
 from synseg_jax.state import TrainState
@@ -22,12 +21,11 @@ class Classifier:
             "resnet", num_classes=m.num_classes, depth=m.depth,
             stage_sizes=tuple(m.stage_sizes) or None, width=m.width, style=base.resnet_style(m),
             output_stride=m.output_stride, bn_mode=m.bn_mode)
-        self.tx, self.schedule = base.optimizer_from_config(config.optim)
-        self.head_lr_mult = config.optim.head_lr_mult
+        self.seg_opt = base.role_optimizer(config.optim, "seg")
 
     def init(self, rng, batch, pretrained=None) -> TrainState:
         del pretrained  # pretraining starts from scratch
-        seg = base.init_role(self.model, rng, batch["source"]["image"], self.tx)
+        seg = base.init_role(self.model, rng, batch["source"]["image"], self.seg_opt.tx)
         return TrainState(step=jnp.zeros((), jnp.int32), rng=rng, roles={"seg": seg})
 
     def train_step(self, state: TrainState, batch):
@@ -43,10 +41,9 @@ class Classifier:
             return loss, (accuracy, collections)
 
         (loss, (accuracy, collections)), grads = jax.value_and_grad(loss_fn, has_aux=True)(seg.params)
-        new_seg = base.apply_gradients(seg, grads, self.tx, collections)
-        lrs = optim.current_lrs(self.schedule, state.step, self.head_lr_mult)
-        metrics = {"loss/cls": loss, "train/accuracy": accuracy, "lr/seg": lrs["base"],
-                   "lr/seg_head": lrs["head"]}
+        new_seg = base.apply_gradients(seg, grads, self.seg_opt.tx, collections)
+        metrics = {"loss/cls": loss, "train/accuracy": accuracy,
+                   **self.seg_opt.lr_metrics(state.step)}
         return state.replace(step=state.step + 1, roles={"seg": new_seg}), metrics
 
     def predict(self, seg_variables, images):

@@ -7,7 +7,7 @@ L = L_seg + lambda_dist * L_dist + lambda_spt * L_spt  (Eq. 5), in one jitted st
   L_dist is the mean over feature-map positions of the Euclidean distance between the segmenter's
   and the teacher's features at ``method.dist_layer``. ``method.dist_domain="source"`` is the
   paper's "source distillation" ablation (Sec. 4.3); its "frozen layers" ablation is
-  ``method.dist=False`` with ``optim.frozen_prefixes``.
+  ``method.dist=False`` with ``optim.seg.frozen_prefixes``.
 * Spatial-aware adaptation (Sec. 3.2, Eqs. 2-4): every feature-map position is mapped back to the
   ORIGINAL image through the batch's ``crop_box`` (so a scaled / flipped random crop sends each
   activation to the region it came from) and scored by its region's own pixel-level domain
@@ -32,9 +32,8 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from synseg_jax import images, losses, optim
+from synseg_jax import images, losses
 from synseg_jax.methods import base
-from synseg_jax.methods.source_only import SourceOnly
 from synseg_jax.models import layers, segmenters
 from synseg_jax.state import RoleState, TrainState
 
@@ -135,12 +134,16 @@ def spatial_domain_loss(logits: jax.Array, regions: jax.Array, valid: jax.Array,
     return loss, accuracy
 
 
-class Road(SourceOnly):
+class Road:
     """ROAD-Net: source CE + target-guided distillation + spatial-aware adversarial adaptation."""
 
     def __init__(self, config: ml_collections.ConfigDict):
-        super().__init__(config)
-        me, o = config.method, config.optim
+        me = config.method
+        self.model = base.segmenter_from_config(config.model)
+        self.seg_opt = base.role_optimizer(config.optim, "seg")
+        self.aux_weight = me.aux_weight
+        self.update_source_stats = base.updates_stats(config.model.bn_update, "source")
+        self.init_scope = config.model.init_scope
         self.dist, self.spt = me.dist, me.spt
         self.lambda_dist, self.lambda_spt = me.lambda_dist, me.lambda_spt
         if me.dist_domain not in ("target", "source"):
@@ -160,17 +163,14 @@ class Road(SourceOnly):
         self.update_target_stats = base.updates_stats(config.model.bn_update, "target")
         self.teacher = teacher_backbone(config.model.name, self.model)
         self.disc = RegionClassifiers(self.grid[0] * self.grid[1], tuple(me.disc_hidden))
-        self.disc_schedule = optim.poly_schedule(o.lr * me.disc_lr_mult, o.schedule_steps,
-                                                 o.poly_power)
-        self.disc_tx = optim.make_optimizer(o.kind, self.disc_schedule, momentum=o.momentum,
-                                            weight_decay=o.weight_decay, head_lr_mult=1.0)
+        self.disc_opt = base.role_optimizer(config.optim, "disc") if self.spt else None
         self.roles = ("seg",) + ("teacher",) * self.dist + ("disc",) * self.spt
 
     def init(self, rng, batch, pretrained=None) -> TrainState:
-        state = super().init(rng, batch, pretrained)
-        seg = state.roles["seg"]
-        roles = {"seg": seg}
         sample = batch["source"]["image"]
+        seg = base.init_segmenter(self.model, rng, sample, self.seg_opt.tx, pretrained,
+                                  self.init_scope)
+        roles = {"seg": seg}
         features = jax.eval_shape(
             lambda p: self.model.apply({"params": p, **seg.collections}, sample, train=False),
             seg.params)["features"]
@@ -193,8 +193,8 @@ class Road(SourceOnly):
             disc_rng = jax.random.fold_in(rng, 1)
             params = self.disc.init(disc_rng, jnp.zeros((1, 1, 1, channels), jnp.float32))["params"]
             roles["disc"] = RoleState(params=params, collections={},
-                                      opt_state=self.disc_tx.init(params))
-        return state.replace(roles=roles)
+                                      opt_state=self.disc_opt.tx.init(params))
+        return TrainState(step=jnp.zeros((), jnp.int32), rng=rng, roles=roles)
 
     # --- losses -----------------------------------------------------------------------------
 
@@ -227,7 +227,7 @@ class Road(SourceOnly):
         out_s, collections = base.forward(self.model, seg, seg_params, source["image"], train=True,
                                           update_stats=self.update_source_stats,
                                           rng=state.step_rng("dropout"))
-        total, terms = self.seg_loss(out_s, source["label"])
+        total, terms = base.supervised_loss(out_s, source["label"], self.aux_weight)
         out_t = None
         if self.needs_target:
             target = batch["target"]
@@ -262,11 +262,13 @@ class Road(SourceOnly):
         (_, (terms, collections)), (seg_grads, disc_grads) = grad_fn(
             seg.params, disc_params, state, batch)
         roles = dict(state.roles)
-        roles["seg"] = base.apply_gradients(seg, seg_grads, self.tx, collections)
+        roles["seg"] = base.apply_gradients(seg, seg_grads, self.seg_opt.tx, collections)
+        metrics = {**terms, **self.seg_opt.lr_metrics(state.step)}
         if self.spt:
-            roles["disc"] = base.apply_gradients(state.roles["disc"], disc_grads, self.disc_tx)
-        lrs = optim.current_lrs(self.schedule, state.step, self.head_lr_mult)
-        metrics = {**terms, "lr/seg": lrs["base"], "lr/seg_head": lrs["head"]}
-        if self.spt:
-            metrics["lr/disc"] = jnp.asarray(self.disc_schedule(state.step), jnp.float32)
+            roles["disc"] = base.apply_gradients(state.roles["disc"], disc_grads,
+                                                 self.disc_opt.tx)
+            metrics.update(self.disc_opt.lr_metrics(state.step))
         return state.replace(step=state.step + 1, roles=roles), metrics
+
+    def predict(self, seg_variables, images):
+        return base.predict_logits(self.model, seg_variables, images)
