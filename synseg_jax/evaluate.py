@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from synseg_jax import checkpoint, images, inputs, methods, metrics, parallel
+from synseg_jax.methods import base
 
 
 def make_eval_step(predict: Callable, num_classes: int) -> Callable:
@@ -66,12 +67,16 @@ def write_results(workdir: str, name: str, step: int,
 
 
 def restore_seg(config, workdir: str, step: int | None = None) -> tuple[dict, dict]:
-    """The `seg` role's (params, collections) of a run, read alone from its checkpoint."""
+    """The evaluated role's (params, collections) of a run ("seg" unless the method names
+    another), read alone from its checkpoint."""
     method = methods.build(config)
+    role = base.eval_role_of(method)
+    if role is None:
+        raise ValueError(f"Method {config.method.name!r} has no segmenter to evaluate")
     abstract = jax.eval_shape(method.init, jax.random.PRNGKey(0), inputs.abstract_batch(config))
-    seg = abstract.roles["seg"]
+    seg = abstract.roles[role]
     ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
-    return ckpt.restore_role("seg", seg.params, seg.collections, step)
+    return ckpt.restore_role(role, seg.params, seg.collections, step)
 
 
 def evaluate_checkpoint(config, workdir: str, step: int | None = None

@@ -50,10 +50,11 @@ def denormalize(x, mode: str):
     return (x * IMAGENET_STD + IMAGENET_MEAN) * np.float32(255.0)
 
 
-def to_uint8(x, mode: str) -> np.ndarray:
-    """Model input -> displayable uint8 RGB on the host (for image summaries), rounded: the float
-    round trip lands a hair below whole values, which truncation would shift down by one."""
-    return np.clip(np.rint(denormalize(np.asarray(x), mode)), 0, 255).astype(np.uint8)
+def to_uint8(x, mode: str, xp=np):
+    """Model input -> displayable uint8 RGB (image summaries), rounded: the float round trip
+    lands a hair below whole values, which truncation would shift down by one. ``xp``: numpy or
+    jax.numpy."""
+    return xp.clip(xp.rint(denormalize(xp.asarray(x), mode)), 0, 255).astype(xp.uint8)
 
 
 def _align_corners_matrix(n_in: int, n_out: int) -> np.ndarray:

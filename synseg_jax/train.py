@@ -15,13 +15,11 @@ import os
 import time
 
 import jax
-import jax.numpy as jnp
 import ml_collections
-import numpy as np
 from clu import metric_writers
 
-from synseg_jax import checkpoint, evaluate, images, inputs, methods, metrics, parallel
-from synseg_jax.data import labels
+from synseg_jax import checkpoint, evaluate, inputs, methods, metrics, parallel
+from synseg_jax.methods import base
 from synseg_jax.state import TrainState
 
 
@@ -58,26 +56,9 @@ def load_pretrained(path: str) -> dict:
     return checkpoint.load_variables(path)
 
 
-def _image_summaries(state: TrainState, batch: dict, normalization: str,
-                     predict_fn, max_images: int = 3) -> dict[str, np.ndarray]:
-    source = jax.device_get(batch["source"])
-    shown = source["image"][:max_images]
-    rgb = images.to_uint8(shown, normalization)
-    out = {"train/source_image": rgb}
-    if np.ndim(source.get("label")) == 3:  # segmentation: label and prediction, colourised
-        seg = state.roles["seg"]
-        logits = predict_fn({"params": seg.params, **seg.collections}, batch["source"]["image"])
-        logits = images.resize_bilinear(logits, shown.shape[1:3])
-        pred = np.asarray(jax.device_get(jnp.argmax(logits, -1)))[:max_images]
-        out["train/source_label"] = labels.colorize(source["label"][:max_images])
-        out["train/source_prediction"] = labels.colorize(pred)
-    return out
-
-
-def run_evaluation(config, method, state: TrainState, mesh, workdir: str, step: int,
+def run_evaluation(config, role: str, state: TrainState, mesh, workdir: str, step: int,
                    targets, eval_step) -> dict[str, metrics.SegmentationScores]:
-    seg = state.roles["seg"]
-    variables = {"params": seg.params, **seg.collections}
+    variables = state.roles[role].variables
     results = {}
     for name, split in targets:
         batches = inputs.eval_batches(config, mesh, name, split)
@@ -114,14 +95,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
 
     train_step = jax.jit(method.train_step, donate_argnums=(0,),
                          in_shardings=(repl, data_sharding), out_shardings=(repl, repl))
-    predict_fn = jax.jit(method.predict)
+    eval_role = base.eval_role_of(method)
     eval_step = jax.jit(evaluate.make_eval_step(method.predict, config.model.num_classes))
-    eval_targets = inputs.eval_targets(config) if config.data.eval_dataset else []
+    eval_targets = (inputs.eval_targets(config)
+                    if config.data.eval_dataset and eval_role is not None else [])
+    summaries = base.summaries_of(method, config.data.normalization)
+    # Replicated output: every process holds the pictures, however the batch is sharded.
+    summaries = jax.jit(summaries, out_shardings=repl) if summaries is not None else None
     writer = metric_writers.create_default_writer(
         workdir, just_logging=jax.process_index() > 0, asynchronous=True)
     t = config.train
     results: dict[str, metrics.SegmentationScores] = {}
     pending = None  # (step, device metrics) of the previous step, checked one step late
+    interval = MetricsInterval()
     timer_start, timer_steps = time.time(), 0
 
     for step in range(start_step + 1, total_steps + 1):
@@ -132,23 +118,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
         if pending is not None:
             host = {k: float(v) for k, v in jax.device_get(pending[1]).items()}
             _check_finite(host, pending[0], ckpt)
+            interval.add(host)
             if pending[0] % t.log_every == 0:
-                _log_progress(writer, pending[0], host, total_steps, timer_start, timer_steps)
+                _log_progress(writer, pending[0], interval.pop(), total_steps, timer_start,
+                              timer_steps)
                 timer_start, timer_steps = time.time(), 0
         pending = (step, step_metrics)
         timer_steps += 1
 
         is_last = step == total_steps
-        if t.image_every and (step % t.image_every == 0 or is_last):
-            writer.write_images(step, _image_summaries(
-                state, batch, config.data.normalization, predict_fn))
+        if summaries is not None and t.image_every and (step % t.image_every == 0 or is_last):
+            writer.write_images(step, jax.device_get(summaries(state, batch)))
         if step % t.checkpoint_every == 0 or is_last:
             host = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
             _check_finite(host, step, ckpt)  # a bad step never reaches a checkpoint
             ckpt.save(step, state)
         if eval_targets and ((t.eval_every and step % t.eval_every == 0) or is_last):
             targets = eval_targets if is_last else eval_targets[:1]
-            results = run_evaluation(config, method, state, mesh, workdir, step, targets, eval_step)
+            results = run_evaluation(config, eval_role, state, mesh, workdir, step, targets,
+                                     eval_step)
             writer.write_scalars(step, {f"eval/{k}/miou": v.miou_19 for k, v in results.items()})
             for key, scores in results.items():
                 logging.info("step %d %s mIoU %.2f", step, key, 100 * scores.miou_19)
@@ -156,6 +144,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
     if pending is not None:
         host = {k: float(v) for k, v in jax.device_get(pending[1]).items()}
         _check_finite(host, pending[0], ckpt)
+        interval.add(host)  # the final step is always logged
+        _log_progress(writer, pending[0], interval.pop(), total_steps, timer_start, timer_steps)
     ckpt.close()
     writer.flush()
     if start_step >= total_steps:
@@ -163,6 +153,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
     if results and jax.process_index() == 0:
         _write_summary(workdir)
     return results
+
+
+class MetricsInterval:
+    """Means of the logged metrics over the steps since the last log line ("lr/*": the last
+    value, the rate the step used), so a noisy loss is not reported by one sample."""
+
+    def __init__(self):
+        self._sums: dict[str, float] = {}
+        self._last: dict[str, float] = {}
+        self._count = 0
+
+    def add(self, host: dict[str, float]) -> None:
+        for name, value in host.items():
+            self._sums[name] = self._sums.get(name, 0.0) + value
+        self._last = host
+        self._count += 1
+
+    def pop(self) -> dict[str, float]:
+        out = {k: (self._last[k] if k.startswith("lr/") else v / self._count)
+               for k, v in self._sums.items()}
+        self._sums, self._count = {}, 0
+        return out
 
 
 def _log_progress(writer, step: int, host: dict[str, float], total: int, since: float,

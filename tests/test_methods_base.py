@@ -92,3 +92,49 @@ def test_supervised_loss_weights_every_auxiliary_output():
     assert set(terms) == {"loss/seg", "loss/seg_aux", "loss/seg_aux2"}
     np.testing.assert_allclose(total, ce["logits"] + 0.5 * (ce["aux_logits"] + ce["aux_logits2"]),
                                rtol=1e-6)
+
+
+def test_forward_lets_spectral_norm_state_update_in_training():
+    """flax keeps spectral norm's power-iteration vector in a collection: training must be able to
+    update it (and the BN-statistics switch must keep it when asked)."""
+    import flax.linen as nn  # noqa: PLC0415
+
+    class Tiny(nn.Module):
+        @nn.compact
+        def __call__(self, x, train: bool):
+            return nn.SpectralNorm(nn.Dense(4), collection_name="spectral")(x, update_stats=train)
+
+    model = Tiny()
+    x = jax.random.normal(jax.random.key(0), (3, 5))
+    variables = model.init(jax.random.key(1), x, train=False)
+    role = base.RoleState(params=variables["params"],
+                          collections={"spectral": variables["spectral"]}, opt_state=None)
+    _, kept = base.forward(model, role, role.params, x, train=True, update_stats=True)
+    changed = jax.tree_util.tree_map(lambda a, b: bool(jnp.any(a != b)), kept["spectral"],
+                                     role.collections["spectral"])
+    assert any(jax.tree_util.tree_leaves(changed))
+    _, frozen = base.forward(model, role, role.params, x, train=True, update_stats=False)
+    assert frozen is role.collections
+    _, infer = base.forward(model, role, role.params, x, train=False, update_stats=True)
+    assert infer is role.collections
+
+
+def test_default_summaries_are_jittable_uint8_pictures():
+    from configs import source_only as so  # noqa: PLC0415
+    from synseg_jax.data import labels  # noqa: PLC0415
+    from synseg_jax.methods.source_only import SourceOnly  # noqa: PLC0415
+
+    config = so.get_config("demo,model.width=0.125,model.stage_sizes=(1,1,1,1),"
+                           "model.init_weights=")
+    method = SourceOnly(config)
+    label = np.random.default_rng(0).integers(0, 19, (4, 16, 16)).astype(np.int32)
+    label[0, 0, 0] = 255
+    batch = {"source": {"image": jnp.zeros((4, 16, 16, 3)), "label": jnp.asarray(label)}}
+    state = method.init(jax.random.PRNGKey(0), batch)
+    pictures = jax.jit(base.summaries_of(method, "caffe_bgr"))(state, batch)
+    assert set(pictures) == {"train/source_image", "train/source_label",
+                             "train/source_prediction"}
+    for value in pictures.values():
+        assert value.dtype == jnp.uint8 and value.shape == (base.SUMMARY_IMAGES, 16, 16, 3)
+    np.testing.assert_array_equal(pictures["train/source_label"],
+                                  labels.colorize(label[:base.SUMMARY_IMAGES]))

@@ -182,3 +182,73 @@ def test_results_of_a_sliced_split_land_where_results_stem_says(tmp_path):
     assert os.path.dirname(stem) == str(tmp_path / "eval") and "[" not in os.path.basename(stem)
     with open(json_path) as f:
         assert json.load(f)["miou_19"] == pytest.approx(1.0)
+
+
+def _event_tags(workdir):
+    import tensorflow as tf  # noqa: PLC0415
+
+    tags = {}
+    for path in glob.glob(os.path.join(workdir, "events.out.tfevents.*")):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            for value in event.summary.value:
+                tags.setdefault(value.tag, []).append(event.step)
+    return tags
+
+
+def test_default_pictures_and_interval_means_are_logged(finished_run):
+    _, workdir, _ = finished_run
+    tags = _event_tags(workdir)
+    for name in ("train/source_image", "train/source_label", "train/source_prediction"):
+        assert tags[name] == [2, 4], name
+    assert 4 in tags["loss/seg"]  # the final step's loss is logged too
+
+
+def test_interval_metrics_are_means_and_lr_is_the_last():
+    interval = train.MetricsInterval()
+    interval.add({"loss/seg": 1.0, "lr/seg": 0.1})
+    interval.add({"loss/seg": 3.0, "lr/seg": 0.05})
+    assert interval.pop() == {"loss/seg": 2.0, "lr/seg": 0.05}
+    interval.add({"loss/seg": 5.0, "lr/seg": 0.01})
+    assert interval.pop() == {"loss/seg": 5.0, "lr/seg": 0.01}
+
+
+class PicturesWithoutSegmenter:
+    """A stage with no segmenter to evaluate and pictures of its own (as a translator has)."""
+
+    eval_role = None
+
+    def __init__(self, config):
+        from synseg_jax.methods.source_only import SourceOnly  # noqa: PLC0415
+
+        self.inner = SourceOnly(config)
+        self.roles = ("gen",)
+
+    def init(self, rng, batch, pretrained=None):
+        state = self.inner.init(rng, batch, pretrained)
+        return state.replace(roles={"gen": state.roles["seg"]})
+
+    def train_step(self, state, batch):
+        inner, metrics = self.inner.train_step(state.replace(roles={"seg": state.roles["gen"]}),
+                                               batch)
+        return inner.replace(roles={"gen": inner.roles["seg"]}), metrics
+
+    def predict(self, variables, images):
+        return self.inner.predict(variables, images)
+
+    def summaries(self, state, batch):
+        import jax.numpy as jnp  # noqa: PLC0415
+
+        shade = (state.step * 60).astype(jnp.uint8)
+        return {"train/made_up": jnp.broadcast_to(shade, (2, 4, 5, 3))}
+
+
+def test_method_hooks_pictures_and_no_eval_role(data_dir, tmp_path, monkeypatch):
+    from synseg_jax import methods  # noqa: PLC0415
+
+    monkeypatch.setitem(methods.METHODS, "pictures", PicturesWithoutSegmenter)
+    workdir = str(tmp_path / "run")
+    results = train.train_and_evaluate(
+        tiny_config(data_dir, "method.name=pictures", "train.steps=2"), workdir)
+    assert results == {} and not os.path.exists(os.path.join(workdir, "eval"))
+    tags = _event_tags(workdir)
+    assert tags["train/made_up"] == [2] and "train/source_image" not in tags

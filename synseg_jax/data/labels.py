@@ -106,10 +106,11 @@ def map_to_train_ids(raw: np.ndarray, table: np.ndarray) -> tuple[np.ndarray, in
     return mapped.astype(np.uint8), unknown
 
 
-def colorize(train_ids: np.ndarray) -> np.ndarray:
-    """trainId map (H, W) -> RGB uint8 (H, W, 3); ignore and out-of-range pixels are black."""
-    train_ids = np.asarray(train_ids)
+def colorize(train_ids, xp=np):
+    """trainId map (..., H, W) -> RGB uint8 (..., H, W, 3); ignore and out-of-range pixels are
+    black. ``xp`` is numpy or jax.numpy (image summaries are drawn under jit)."""
     lut = np.zeros((TABLE_SIZE, 3), dtype=np.uint8)
     lut[:] = IGNORE_COLOUR
     lut[:NUM_CLASSES] = PALETTE
-    return lut[np.clip(train_ids, 0, TABLE_SIZE - 1).astype(np.int64)]
+    ids = xp.clip(xp.asarray(train_ids).astype(xp.int32), 0, TABLE_SIZE - 1)
+    return xp.asarray(lut)[ids]

@@ -16,6 +16,7 @@ import ml_collections
 import optax
 
 from synseg_jax import images, losses, optim
+from synseg_jax.data import labels
 from synseg_jax.models import segmenters
 from synseg_jax.state import RoleState, TrainState
 
@@ -24,6 +25,15 @@ Metrics = dict[str, jax.Array]
 
 
 class Method(Protocol):
+    """Required: `roles`, `init`, `train_step`, `predict`. Optional hooks, with the loop's
+    defaults (see `eval_role_of` and `summaries_of`):
+
+    - ``eval_role: str | None`` -- the role `predict` reads and evaluation restores ("seg");
+      None for a stage without a segmenter (a translator), which is then not evaluated.
+    - ``summaries(state, batch) -> {name: uint8 [N, H, W, 3]}`` -- pictures to log, jittable:
+      reconstructions, translated images, edge maps. Default: source input, label, prediction.
+    """
+
     roles: tuple[str, ...]
 
     def init(self, rng: jax.Array, batch: Batch, pretrained: dict | None = None) -> TrainState:
@@ -34,6 +44,44 @@ class Method(Protocol):
 
     def predict(self, seg_variables: dict, images: jax.Array) -> jax.Array:
         """Logits of the `seg` role at feature resolution (evaluation upsamples them)."""
+
+
+DEFAULT_EVAL_ROLE = "seg"
+SUMMARY_IMAGES = 3  # pictures per summary
+
+
+def eval_role_of(method) -> str | None:
+    return getattr(method, "eval_role", DEFAULT_EVAL_ROLE)
+
+
+def segmentation_summaries(predict, role: str, normalization: str,
+                           max_images: int = SUMMARY_IMAGES):
+    """The default `summaries` hook: the first source images, their labels and the `role`'s
+    predictions, as uint8 RGB. Jittable, so the loop can gather a multi-host batch into one
+    replicated set of pictures."""
+
+    def summaries(state: TrainState, batch: Batch) -> dict[str, jax.Array]:
+        source = batch["source"]
+        shown = source["image"][:max_images]
+        out = {"train/source_image": images.to_uint8(shown, normalization, xp=jnp)}
+        label = source.get("label")
+        if label is not None and label.ndim == 3 and role in state.roles:
+            logits = predict(state.roles[role].variables, shown)
+            pred = jnp.argmax(images.resize_bilinear(logits, shown.shape[1:3]), axis=-1)
+            out["train/source_label"] = labels.colorize(label[:max_images], xp=jnp)
+            out["train/source_prediction"] = labels.colorize(pred, xp=jnp)
+        return out
+
+    return summaries
+
+
+def summaries_of(method, normalization: str):
+    """The method's `summaries` hook, or the default segmentation pictures."""
+    hook = getattr(method, "summaries", None)
+    if hook is not None:
+        return hook
+    role = eval_role_of(method)
+    return segmentation_summaries(method.predict, role, normalization) if role else None
 
 
 def segmenter_from_config(model: ml_collections.ConfigDict) -> nn.Module:
@@ -171,17 +219,19 @@ def _check_same_shapes(expected, given, scope: str) -> None:
 
 def forward(module: nn.Module, role: RoleState, params: Any, images: jax.Array, *,
             train: bool, update_stats: bool, rng: jax.Array | None = None) -> tuple[dict, dict]:
-    """Runs a segmenter; returns (outputs, collections after the call).
+    """Runs a network; returns (outputs, collections after the call).
 
-    With bn_mode="train" the batch is normalised by its own statistics; the running statistics
-    are updated only when `update_stats` (the config chooses which domains do). `rng` feeds
-    dropout, which runs only in training.
+    In training every non-param collection is mutable, so whatever state a layer keeps there
+    (BatchNorm running statistics with bn_mode="train", spectral norm's power-iteration vectors)
+    can update; the updates are kept only when `update_stats` (the config chooses which domains
+    update BN statistics). Frozen BN reads its statistics and leaves them as they were. `rng`
+    feeds dropout, which runs only in training.
     """
     variables = {"params": params, **role.collections}
     rngs = {"dropout": rng} if (train and rng is not None) else None
-    if train and getattr(module, "bn_mode", "frozen") == "train" and "batch_stats" in role.collections:
-        out, updated = module.apply(variables, images, train=True, mutable=["batch_stats"],
-                                    rngs=rngs)
+    if train and role.collections:
+        out, updated = module.apply(variables, images, train=True,
+                                    mutable=list(role.collections), rngs=rngs)
         return out, ({**role.collections, **updated} if update_stats else role.collections)
     return module.apply(variables, images, train=train, rngs=rngs), role.collections
 
