@@ -10,12 +10,12 @@ preset shrinks models and data so a run takes minutes on a CPU, without changing
 
 from __future__ import annotations
 
-import ast
-import difflib
 import os
-from typing import Any, Callable
+from typing import Callable
 
 import ml_collections
+
+from synseg_jax import config_keys
 
 PRESETS = ("demo", "gta5", "synthia")
 
@@ -179,7 +179,7 @@ PRESET_FNS: dict[str, Callable[[ml_collections.ConfigDict], None]] = {
 
 def parse_arg(arg: str | None) -> tuple[str, list[tuple[str, str]]]:
     """'preset,key=value,...' -> (preset, [(key, value), ...]); the preset may be omitted."""
-    parts = [p for p in _split_top_level(arg or "") if p]
+    parts = [p for p in config_keys.split_top_level(arg or "") if p]
     preset = "demo"
     if parts and "=" not in parts[0]:
         preset = parts.pop(0)
@@ -194,90 +194,6 @@ def parse_arg(arg: str | None) -> tuple[str, list[tuple[str, str]]]:
     return preset, overrides
 
 
-def _split_top_level(text: str) -> list[str]:
-    """Splits on commas outside brackets, so `crop=(64,128)` stays one override."""
-    parts, depth, current = [], 0, []
-    for ch in text:
-        depth += ch in "([{"
-        depth -= ch in ")]}"
-        if ch == "," and depth == 0:
-            parts.append("".join(current).strip())
-            current = []
-        else:
-            current.append(ch)
-    parts.append("".join(current).strip())
-    return parts
-
-
-def _all_items(config: ml_collections.ConfigDict, prefix: str = "") -> list[tuple[str, Any]]:
-    """(dotted key, value) of every field and sub-config, depth first."""
-    items = []
-    for key, value in config.items():
-        full = f"{prefix}{key}"
-        items.append((full, value))
-        if isinstance(value, ml_collections.ConfigDict):
-            items.extend(_all_items(value, full + "."))
-    return items
-
-
-def _all_keys(config: ml_collections.ConfigDict) -> list[str]:
-    return [key for key, _ in _all_items(config)]
-
-
-def _parse_value(raw: str, current):
-    """Parses `raw` to the type of the field's current value."""
-    if isinstance(current, str):
-        return raw
-    try:
-        value = ast.literal_eval(raw)
-    except (ValueError, SyntaxError):
-        raise ValueError(f"cannot parse {raw!r} as a {type(current).__name__}") from None
-    if isinstance(current, bool):
-        if not isinstance(value, bool):
-            raise ValueError(f"expected True or False, got {raw!r}")
-    elif isinstance(current, float) and isinstance(value, int):
-        value = float(value)
-    elif isinstance(current, tuple):
-        value = tuple(value) if isinstance(value, (list, tuple)) else (value,)
-    elif not isinstance(value, type(current)):
-        raise ValueError(f"expected a {type(current).__name__}, got {raw!r}")
-    return value
-
-
-def _resolve_short_key(config: ml_collections.ConfigDict, key: str) -> str:
-    """`dist` -> `method.dist` when exactly one field of the config is named so (DESIGN.md's
-    `road.py:gta5,dist=False`); a full dotted key, or a top-level one, is returned unchanged."""
-    if "." in key or key in config:
-        return key
-    matches = [k for k, value in _all_items(config) if k.rsplit(".", 1)[-1] == key
-               and not isinstance(value, ml_collections.ConfigDict)]
-    if len(matches) > 1:
-        raise KeyError(f"Config key {key!r} is ambiguous; use one of {matches}")
-    return matches[0] if matches else key
-
-
-def set_key(config: ml_collections.ConfigDict, key: str, raw: str) -> None:
-    """Sets dotted `key` from the string `raw`; an unknown key names itself and close matches.
-
-    A key without dots may name a nested field by its last component alone when that is unique.
-    """
-    key = _resolve_short_key(config, key)
-    *parents, leaf = key.split(".")
-    node = config
-    for name in parents:
-        node = node.get(name) if isinstance(node, ml_collections.ConfigDict) else None
-    if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
-        close = difflib.get_close_matches(key, _all_keys(config), n=3)
-        hint = f"; did you mean {close}?" if close else ""
-        raise KeyError(f"Unknown config key {key!r}{hint}")
-    try:
-        value = _parse_value(raw, node[leaf])
-    except ValueError as err:
-        raise ValueError(f"Config key {key!r}: {err}") from None
-    with node.unlocked():
-        node[leaf] = value
-
-
 def finalize(config: ml_collections.ConfigDict, arg: str | None,
              method_presets: dict[str, Callable] | None = None) -> ml_collections.ConfigDict:
     """Applies the preset (common part, then the method's part) and the overrides; locks."""
@@ -287,6 +203,6 @@ def finalize(config: ml_collections.ConfigDict, arg: str | None,
     if method_presets and preset in method_presets:
         method_presets[preset](config)
     for key, raw in overrides:
-        set_key(config, key, raw)
+        config_keys.set_key(config, key, raw)
     config.lock()
     return config
