@@ -98,6 +98,15 @@ def base_config() -> ml_collections.ConfigDict:
     me.lambda_spt = 0.01  # lambda_2 of Eq. 5 (ROAD Sec. 3.3)
     me.disc_hidden = (1024, 1024)  # 1x1-conv widths per region classifier (DANN's, ROAD ref [8])
 
+    # Self-training on pseudo-labels (methods/self_training.py).
+    me.lambda_pseudo = 1.0  # weight of the pseudo-labelled target CE (BDL and FDA: 1)
+
+    # Stages of a recipe (empty: one training run in the workdir): each a train_stage() or
+    # sweep_stage() section, run in <workdir>/<name>, in the order stage_order names them
+    # (ConfigDict keys iterate sorted, so the order is explicit).
+    c.stages = ml_collections.ConfigDict()
+    c.stage_order = ()
+
     c.pretrain = p = ml_collections.ConfigDict()
     # demo: the config that makes init_weights when it is missing (this folder's pretrain.py)
     p.config = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pretrain.py")
@@ -126,6 +135,27 @@ def optimizer_section(**fields) -> ml_collections.ConfigDict:
             raise KeyError(f"Unknown optimiser field {key!r}; fields: {sorted(o.keys())}")
         o[key] = value
     return o
+
+
+def train_stage(overrides: str = "", init_from: str = "",
+                target_from: str = "") -> ml_collections.ConfigDict:
+    """A training stage: the run's config with `overrides` ("key=value,..."); its segmenter
+    starts from stage `init_from`'s final one when given; `target_from` names a sweep stage whose
+    dataset becomes the labelled target (data.target, target_labels=True)."""
+    return ml_collections.ConfigDict({"kind": "train", "overrides": overrides,
+                                      "init_from": init_from, "target_from": target_from})
+
+
+def sweep_stage(models: tuple[str, ...] = (), dataset: str = "", split: str = "",
+                rule: str = "class_percentile", percentile: float = 66.0, cap: float = 0.9,
+                threshold: float = 0.9) -> ml_collections.ConfigDict:
+    """A pseudo-label sweep: the mean softmax of the final segmenters of stages `models` over
+    `dataset/split` (default: the run's data.target / target_split), labelled by `rule`:
+    "class_percentile" (percentile, cap; FDA: 66, 0.9), "class_median" (cap; BDL) or "flat"
+    (threshold)."""
+    return ml_collections.ConfigDict({
+        "kind": "sweep", "models": tuple(models), "dataset": dataset, "split": split,
+        "rule": rule, "percentile": percentile, "cap": cap, "threshold": threshold})
 
 
 def _demo(c: ml_collections.ConfigDict) -> None:

@@ -1,18 +1,23 @@
-"""Multi-stage runs: demo pretraining (when its weights are missing) → training → evaluation.
+"""Multi-stage runs: demo pretraining (when its weights are missing), then the config's stages.
 
-Each stage has its own workdir; a finished stage is skipped when the command is run again.
+A config without stages is one training run in the workdir. With `config.stages`, each stage
+runs in ``<workdir>/<stage>``: a train stage trains (resuming from its own checkpoints), a sweep
+stage pseudo-labels a split into a dataset. A finished stage leaves ``DONE.json`` and is skipped
+when the command is run again, so a killed recipe resumes in the stage it was in.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 
 import jax
 import ml_collections
 
-from synseg_jax import checkpoint, evaluate, metrics, paths, train
+from synseg_jax import (checkpoint, config_keys, evaluate, methods, metrics, paths,
+                        pseudo_labels, sweep, train)
 from synseg_jax.methods import base
 
 DEMO_WEIGHTS = "demo"
@@ -86,8 +91,135 @@ def export_backbone(config: ml_collections.ConfigDict, workdir: str, path: str) 
     logging.info("Exported %s to %s", scope, path)
 
 
+def export_role(config: ml_collections.ConfigDict, workdir: str, path: str) -> None:
+    """Saves a finished run's evaluated role (whole segmenter) as init weights (scope "")."""
+    params, collections = evaluate.restore_seg(config, workdir)
+    if jax.process_index() == 0:
+        checkpoint.save_variables(path, {"params": params, **collections})
+
+
+# ------------------------------------------------------------------------------------------------
+# Stages.
+
+DONE = "DONE.json"
+
+
+def stage_config(config: ml_collections.ConfigDict, workdir: str,
+                 name: str) -> ml_collections.ConfigDict:
+    """The config a train stage runs with: the run's, its overrides, and the links to earlier
+    stages (initial weights, pseudo-labelled target) resolved to their folders."""
+    stage = config.stages[name]
+    out = config_keys.apply_overrides(config, stage.overrides)
+    with out.unlocked():
+        out.stages = ml_collections.ConfigDict()  # a stage runs as a plain run
+        out.stage_order = ()
+        if stage.init_from:
+            _check_earlier(config, name, stage.init_from, "train")
+            out.model.init_weights = os.path.join(workdir, stage.init_from, "final_weights")
+            out.model.init_scope = ""
+        if stage.target_from:
+            _check_earlier(config, name, stage.target_from, "sweep")
+            out.data.target = sweep.dataset_name(os.path.join(workdir, stage.target_from))
+            out.data.target_split = sweep.SPLIT
+            out.data.target_labels = True
+    out.lock()
+    return out
+
+
+def stage_names(config: ml_collections.ConfigDict) -> list[str]:
+    """The stages in the order `config.stage_order` gives; each stage named exactly once."""
+    order, declared = list(config.stage_order), set(config.stages.keys())
+    if sorted(order) != sorted(declared) or len(set(order)) != len(order):
+        raise ValueError(f"config.stage_order {tuple(order)} must name every stage of "
+                         f"config.stages ({sorted(declared)}) exactly once")
+    return order
+
+
+def _check_earlier(config, name: str, other: str, kind: str) -> None:
+    order = stage_names(config)
+    if other not in order or order.index(other) >= order.index(name):
+        raise ValueError(f"Stage {name!r} reads stage {other!r}, which is not an earlier stage "
+                         f"(stages in order: {order})")
+    if config.stages[other].kind != kind:
+        raise ValueError(f"Stage {name!r} reads stage {other!r} as a {kind} stage, but it is a "
+                         f"{config.stages[other].kind} stage")
+
+
+def _run_train_stage(config, workdir: str, name: str) -> dict:
+    stage_dir = os.path.join(workdir, name)
+    cfg = ensure_pretrained(stage_config(config, workdir, name), stage_dir)
+    results = train.train_and_evaluate(cfg, stage_dir)
+    # Later stages start from (init_from) or sweep with this stage's final segmenter.
+    export_role(cfg, stage_dir, os.path.join(stage_dir, "final_weights"))
+    return {k: v.miou_19 for k, v in results.items()}
+
+
+def _run_sweep_stage(config, workdir: str, name: str) -> dict:
+    stage = config.stages[name]
+    if not stage.models:
+        raise ValueError(f"Sweep stage {name!r} names no models (stages.{name}.models)")
+    models = []
+    for model_stage in stage.models:
+        _check_earlier(config, name, model_stage, "train")
+        cfg = stage_config(config, workdir, model_stage)
+        params, collections = evaluate.restore_seg(cfg, os.path.join(workdir, model_stage))
+        models.append((methods.build(cfg).predict, {"params": params, **collections}))
+    params = {"percentile": stage.percentile, "cap": stage.cap}
+    if stage.rule == "class_median":
+        params = {"cap": stage.cap}
+    elif stage.rule == "flat":
+        params = {"threshold": stage.threshold}
+    rule = pseudo_labels.make_rule(stage.rule, **params)
+    dataset = stage.dataset or config.data.target
+    split = stage.split or config.data.target_split
+    if not dataset or not split:
+        raise ValueError(f"Sweep stage {name!r} has no split to sweep: set stages.{name}.dataset "
+                         "and .split, or data.target and data.target_split")
+    return sweep.pseudo_label(config, models, dataset, split, os.path.join(workdir, name), rule)
+
+
+def run_stages(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Runs every stage not yet done, in order; returns {stage: its summary}."""
+    summaries = {}
+    for name in stage_names(config):
+        stage = config.stages[name]
+        done = os.path.join(workdir, name, DONE)
+        if os.path.exists(done):
+            print(f"Stage {name!r} is done ({done}); skipping it.", flush=True)
+            with open(done) as f:
+                summaries[name] = json.load(f)
+            continue
+        print(f"Stage {name!r} ({stage.kind}) in {os.path.join(workdir, name)}", flush=True)
+        if stage.kind == "train":
+            summary = _run_train_stage(config, workdir, name)
+        elif stage.kind == "sweep":
+            summary = _run_sweep_stage(config, workdir, name)
+        else:
+            raise ValueError(f"Stage {name!r} has kind {stage.kind!r}; expected 'train' or "
+                             "'sweep'")
+        if jax.process_index() == 0:
+            with open(done, "w") as f:
+                json.dump(summary, f, indent=2)
+        summaries[name] = summary
+    return summaries
+
+
+def last_train_stage(config: ml_collections.ConfigDict) -> str:
+    names = [n for n in stage_names(config) if config.stages[n].kind == "train"]
+    if not names:
+        raise ValueError("The config's stages have no train stage to evaluate")
+    return names[-1]
+
+
 def run(config: ml_collections.ConfigDict, workdir: str, mode: str = "train",
         step: int | None = None) -> dict[str, metrics.SegmentationScores]:
+    if config.stages and mode == "train":
+        summaries = run_stages(config, workdir)
+        print("\n" + json.dumps(summaries, indent=2), flush=True)
+        return {}  # per-class tables: <workdir>/<stage>/eval/*.md
+    if config.stages:  # --mode=eval scores the last train stage
+        last = last_train_stage(config)
+        config, workdir = stage_config(config, workdir, last), os.path.join(workdir, last)
     if mode == "train":
         config = ensure_pretrained(config, workdir)
         results = train.train_and_evaluate(config, workdir)

@@ -20,6 +20,7 @@ from synseg_jax import paths
 from synseg_jax.data import labels
 from synseg_jax.data.builders import cityscapes as cityscapes_builders
 from synseg_jax.data.builders import common as real_builders
+from synseg_jax.data.builders import derived as derived_builders
 from synseg_jax.data.builders import gta5 as gta5_builders
 from synseg_jax.data.builders import minicity as minicity_builders
 from synseg_jax.data.builders import synthia as synthia_builders
@@ -67,11 +68,23 @@ class SplitData:
     description: str  # "minicity/real_val in /path", for error messages
 
 
+# A dataset written by an earlier stage of a run: "derived:<its folder>" (see builders/derived).
+DERIVED_PREFIX = "derived:"
+DERIVED_SPEC = DatasetSpec(splits=(derived_builders.SPLIT,), label_table="train_id")
+
+
+def derived_name(folder: str) -> str:
+    return DERIVED_PREFIX + folder
+
+
 def spec(name: str) -> DatasetSpec:
+    if name.startswith(DERIVED_PREFIX):
+        return DERIVED_SPEC
     try:
         return DATASETS[name]
     except KeyError:
-        raise ValueError(f"Unknown dataset {name!r}; valid datasets: {sorted(DATASETS)}") from None
+        raise ValueError(f"Unknown dataset {name!r}; valid datasets: {sorted(DATASETS)} or "
+                         f"{DERIVED_PREFIX}<folder> (written by a recipe stage)") from None
 
 
 def check_split(name: str, split: str) -> None:
@@ -97,6 +110,13 @@ def _builder(name: str, split: str, data_dir: str, minicity_options):
         if not builder.is_prepared():
             logging.info("Rendering minicity %s into %s (one time)", builder.info.full_name, data_dir)
             builder.download_and_prepare()
+        return builder
+    if name.startswith(DERIVED_PREFIX):
+        folder = name[len(DERIVED_PREFIX):]
+        builder = derived_builders.Derived(data_dir=folder)
+        if not builder.is_prepared():
+            raise FileNotFoundError(f"No derived dataset in {folder}: the stage that writes it "
+                                    "has not finished")
         return builder
     if name in REAL_BUILDERS:
         cls = REAL_BUILDERS[name]

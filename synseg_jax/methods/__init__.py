@@ -2,12 +2,14 @@
 
 from synseg_jax.methods.classifier import Classifier
 from synseg_jax.methods.road import Road
+from synseg_jax.methods.self_training import SelfTraining
 from synseg_jax.methods.source_only import SourceOnly
 
 METHODS = {
     "source_only": SourceOnly,
     "classifier": Classifier,
     "road": Road,
+    "self_training": SelfTraining,
 }
 
 

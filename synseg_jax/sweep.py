@@ -1,0 +1,129 @@
+"""Sweep stages: run trained segmenters over a split and write what they say as a dataset.
+
+The first kind is pseudo-labelling for self-training: the softmax of one model (or the mean of
+several, an ensemble) on every image of the target split, turned into labels by a
+`pseudo_labels` rule, written with the original images as a derived TFDS dataset that a later
+stage reads like any other (same joint crop and flip of image and label).
+
+Two passes over the split, so memory does not grow with it: pass 1 gathers the per-class
+confidence histogram (only rules that need split statistics), pass 2 labels each image and
+streams it into the dataset writer.
+
+Each image is predicted at ``data.target_resize`` (the size training sees; bilinear, no
+antialiasing), and the averaged softmax is upsampled back to the image's own size, where the
+labels are made and stored. The sweep runs in one process.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from synseg_jax import images, inputs, pseudo_labels
+from synseg_jax.data import datasets, labels
+from synseg_jax.data.builders import derived
+
+Model = tuple[Callable, dict]  # (predict, variables)
+
+
+def make_probabilities(models: Sequence[Model], input_size: tuple[int, int] | None,
+                       normalization: str) -> Callable:
+    """(uint8 image [H, W, 3]) -> mean softmax over `models`, float32 [H, W, C] (jitted)."""
+
+    @jax.jit
+    def probabilities(image):
+        x = image[None].astype(jnp.float32)
+        out_hw = x.shape[1:3]
+        if input_size:
+            x = images.resize_bilinear(x, input_size)
+        x = images.normalize(x, normalization)
+        probs = [jax.nn.softmax(images.resize_bilinear(predict(variables, x), out_hw), axis=-1)
+                 for predict, variables in models]
+        return (sum(probs) / len(probs))[0]
+
+    return probabilities
+
+
+def _examples(data, dataset: str, split: str) -> Iterator[dict]:
+    opened = inputs.open_split(data, dataset, split, with_names=True)
+    if opened.task != "segmentation":
+        raise ValueError(f"{opened.description} is not a segmentation split")
+    for example in opened.dataset.as_numpy_iterator():
+        gt = None
+        if "label" in example:
+            gt = labels.map_to_train_ids(example["label"], opened.label_table)[0]
+        yield {"image": example["image"], "name": example["name"].decode(), "gt": gt}
+
+
+def pseudo_label(config, models: Sequence[Model], dataset: str, split: str, folder: str,
+                 rule: pseudo_labels.Rule, num_bins: int = pseudo_labels.DEFAULT_NUM_BINS
+                 ) -> dict:
+    """Writes the derived dataset of `dataset/split` pseudo-labelled by `models` to `folder`;
+    returns (and writes to ``<folder>/report.json``) the thresholds and, where the split has
+    labels, per-class precision and coverage of the pseudo-labels (a report only: nothing
+    downstream reads those labels)."""
+    if jax.process_count() != 1:
+        raise NotImplementedError("pseudo-label sweeps run in a single process for now")
+    data = config.data
+    num_classes = config.model.num_classes
+    probabilities = make_probabilities(models, tuple(data.target_resize) or None,
+                                       data.normalization)
+    histogram = None
+    if rule.needs_statistics:
+        histogram = pseudo_labels.empty_histogram(num_classes, num_bins)
+        for example in _examples(data, dataset, split):
+            histogram = pseudo_labels.update(histogram, probabilities(example["image"]))
+    thresholds = rule.thresholds(None if histogram is None else np.asarray(histogram),
+                                 num_classes)
+    counts = None
+    written = 0
+
+    def labelled():
+        nonlocal counts, written
+        for example in _examples(data, dataset, split):
+            pseudo = np.asarray(pseudo_labels.select(probabilities(example["image"]),
+                                                     thresholds))
+            if example["gt"] is not None:
+                batch = pseudo_labels.precision_coverage(pseudo, example["gt"], num_classes)
+                counts = batch if counts is None else pseudo_labels.add_counts(counts, batch)
+            written += 1
+            yield example["name"], {"image": example["image"], "label": pseudo[..., None],
+                                    "name": example["name"]}
+
+    builder = derived.Derived(data_dir=folder, examples=labelled)
+    builder.download_and_prepare()
+    report = {"dataset": dataset, "split": split, "examples": written, "rule": rule.kind,
+              "percentile": rule.percentile, "cap": rule.cap, "threshold": rule.threshold,
+              "thresholds": [float(t) for t in thresholds]}
+    if counts is not None:
+        precision, coverage = pseudo_labels.precision_coverage_ratios(counts)
+        report["per_class"] = {
+            name: {"precision": _finite(p), "coverage": _finite(c)}
+            for name, p, c in zip(labels.CLASS_NAMES, precision, coverage)}
+        selected = int(np.sum(counts.selected))
+        report["precision"] = _finite(np.sum(counts.correct) / max(selected, 1))
+        report["coverage"] = _finite(np.sum(counts.selected_with_gt)
+                                     / max(int(np.sum(counts.gt_total)), 1))
+    with open(os.path.join(folder, "report.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    logging.info("Pseudo-labelled %d images of %s/%s into %s", written, dataset, split, folder)
+    return report
+
+
+def _finite(x) -> float | None:
+    x = float(x)
+    return x if np.isfinite(x) else None
+
+
+def dataset_name(folder: str) -> str:
+    """The `data.*` dataset name under which a later stage reads the sweep's output."""
+    return datasets.derived_name(folder)
+
+
+SPLIT = derived.SPLIT
