@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import zlib
 from collections.abc import Callable, Sequence
@@ -224,6 +225,19 @@ def convert(fmt_name: str, src: str, model_name: str | None = None, width: float
     return variables, config, kept
 
 
+def check_destination(dst: str, overwrite: bool) -> None:
+    """Refuses a --dst that holds anything (a run's checkpoints, other weights) unless
+    --overwrite: the writer would delete it."""
+    if os.path.exists(dst) and not os.path.isdir(dst):
+        raise FileExistsError(f"--dst {dst} is a file, not a directory")
+    if os.path.isdir(dst) and os.listdir(dst) and not overwrite:
+        held = sorted(os.listdir(dst))
+        raise FileExistsError(
+            f"--dst {dst} is not empty (it holds {', '.join(held[:5])}"
+            f"{', ...' if len(held) > 5 else ''}); writing there would delete it. Choose a new "
+            "directory, or pass --overwrite to replace its contents")
+
+
 def _flag_value(value: Any) -> str:
     if isinstance(value, tuple):
         return "'(" + ",".join(map(str, value)) + ")'"
@@ -249,8 +263,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="whole-model import: class count (default: from the checkpoint)")
     parser.add_argument("--aspp-two-branch", action="store_true",
                         help="whole DeepLabV2 with the two-branch ASPP (rates 6, 12)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace what an existing, non-empty --dst holds")
     args = parser.parse_args(argv)
     args.src, args.dst = paths.absolute(args.src), paths.absolute(args.dst)
+    check_destination(args.dst, args.overwrite)
 
     scope = tuple(p for p in args.scope.split("/") if p)
     variables, config, kept = convert(args.format, args.src, args.model, args.width,
@@ -275,6 +292,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except (ValueError, ImportError, FileNotFoundError) as error:
+    except (ValueError, ImportError, FileNotFoundError, FileExistsError) as error:
         print(f"import_weights: error: {error}", file=sys.stderr)
         sys.exit(1)

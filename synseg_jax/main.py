@@ -12,13 +12,21 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from synseg_jax import parallel, paths, recipe  # noqa: E402
+from synseg_jax import checkpoint, parallel, paths, recipe, train  # noqa: E402
+
+# Errors that describe a run's situation (a diverged loss, a checkpoint that does not fit, a
+# missing file), as opposed to a bug: reported by their message alone.
+EXPECTED_ERRORS = (train.NonFiniteLossError, train.ConfigChangedError,
+                   checkpoint.CheckpointMismatchError, FileNotFoundError, FileExistsError)
 
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/road.py:demo",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, summaries and results.")
 flags.DEFINE_enum("mode", "train", ["train", "eval"], "train (resumes if possible) or eval.")
 flags.DEFINE_integer("step", None, "--mode=eval: checkpoint step (default: latest).")
+flags.DEFINE_bool("allow_config_change", False,
+                  "Resume a workdir even though the config differs from the one it was trained "
+                  "with in what is trained (the changed keys are logged).")
 flags.DEFINE_string("coordinator_address", None, "Multi-process: host:port of process 0.")
 flags.DEFINE_integer("num_processes", None, "Multi-process: number of processes.")
 flags.DEFINE_integer("process_id", None, "Multi-process: this process's index.")
@@ -38,7 +46,13 @@ def main(argv):
     py_logging.getLogger("jax").setLevel(py_logging.WARNING)
     config = FLAGS.config
     paths.resolve_config_paths(config)
-    recipe.run(config, paths.absolute(FLAGS.workdir), FLAGS.mode, FLAGS.step)
+    try:
+        recipe.run(config, paths.absolute(FLAGS.workdir), FLAGS.mode, FLAGS.step,
+                   FLAGS.allow_config_change)
+    except EXPECTED_ERRORS as error:
+        # What a user did or must do, said once: no traceback around it.
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

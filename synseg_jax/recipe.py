@@ -16,7 +16,7 @@ import os
 import jax
 import ml_collections
 
-from synseg_jax import (checkpoint, config_keys, evaluate, methods, metrics, paths,
+from synseg_jax import (checkpoint, config_keys, evaluate, locks, methods, metrics, paths,
                         pseudo_labels, sweep, train)
 from synseg_jax.methods import base
 
@@ -68,11 +68,14 @@ def ensure_pretrained(config: ml_collections.ConfigDict, workdir: str) -> ml_col
         os.path.dirname(os.path.abspath(workdir)), f"pretrain_{_backbone_key(config)}")
     weights = os.path.join(pre_workdir, "backbone")
     if not os.path.isdir(weights):
-        pre_config = pretrain_config(config)
-        print(f"No demo-pretrained backbone at {weights}: pretraining it on minicity objects "
-              f"first ({pre_config.train.steps} steps, one time).", flush=True)
-        train.train_and_evaluate(pre_config, pre_workdir)
-        export_backbone(pre_config, pre_workdir, weights)
+        # Runs in other workdirs may want the same backbone: one pretrains, the others wait.
+        with locks.exclusive(pre_workdir, wait=True):
+            if not os.path.isdir(weights):
+                pre_config = pretrain_config(config)
+                print(f"No demo-pretrained backbone at {weights}: pretraining it on minicity "
+                      f"objects first ({pre_config.train.steps} steps, one time).", flush=True)
+                train.train_and_evaluate(pre_config, pre_workdir)
+                export_backbone(pre_config, pre_workdir, weights)
     resolved = ml_collections.ConfigDict(config.to_dict())
     resolved.model.init_weights = weights
     resolved.lock()
@@ -145,10 +148,10 @@ def _check_earlier(config, name: str, other: str, kind: str) -> None:
                          f"{config.stages[other].kind} stage")
 
 
-def _run_train_stage(config, workdir: str, name: str) -> dict:
+def _run_train_stage(config, workdir: str, name: str, allow_config_change: bool) -> dict:
     stage_dir = os.path.join(workdir, name)
     cfg = ensure_pretrained(stage_config(config, workdir, name), stage_dir)
-    results = train.train_and_evaluate(cfg, stage_dir)
+    results = train.train_and_evaluate(cfg, stage_dir, allow_config_change)
     # Later stages start from (init_from) or sweep with this stage's final segmenter.
     export_role(cfg, stage_dir, os.path.join(stage_dir, "final_weights"))
     return {k: v.miou_19 for k, v in results.items()}
@@ -178,7 +181,8 @@ def _run_sweep_stage(config, workdir: str, name: str) -> dict:
     return sweep.pseudo_label(config, models, dataset, split, os.path.join(workdir, name), rule)
 
 
-def run_stages(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def run_stages(config: ml_collections.ConfigDict, workdir: str,
+               allow_config_change: bool = False) -> dict:
     """Runs every stage not yet done, in order; returns {stage: its summary}."""
     summaries = {}
     for name in stage_names(config):
@@ -191,7 +195,7 @@ def run_stages(config: ml_collections.ConfigDict, workdir: str) -> dict:
             continue
         print(f"Stage {name!r} ({stage.kind}) in {os.path.join(workdir, name)}", flush=True)
         if stage.kind == "train":
-            summary = _run_train_stage(config, workdir, name)
+            summary = _run_train_stage(config, workdir, name, allow_config_change)
         elif stage.kind == "sweep":
             summary = _run_sweep_stage(config, workdir, name)
         else:
@@ -212,9 +216,19 @@ def last_train_stage(config: ml_collections.ConfigDict) -> str:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, mode: str = "train",
-        step: int | None = None) -> dict[str, metrics.SegmentationScores]:
+        step: int | None = None, allow_config_change: bool = False
+        ) -> dict[str, metrics.SegmentationScores]:
+    """--mode=train (resuming) or eval; `allow_config_change` lets a resume take a changed
+    config (train.save_config names the changes)."""
+    if mode == "train":
+        with locks.exclusive(workdir):
+            return _run_locked(config, workdir, mode, step, allow_config_change)
+    return _run_locked(config, workdir, mode, step, allow_config_change)
+
+
+def _run_locked(config, workdir: str, mode: str, step: int | None, allow_config_change: bool):
     if config.stages and mode == "train":
-        summaries = run_stages(config, workdir)
+        summaries = run_stages(config, workdir, allow_config_change)
         print("\n" + json.dumps(summaries, indent=2), flush=True)
         return {}  # per-class tables: <workdir>/<stage>/eval/*.md
     if config.stages:  # --mode=eval scores the last train stage
@@ -222,7 +236,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, mode: str = "train",
         config, workdir = stage_config(config, workdir, last), os.path.join(workdir, last)
     if mode == "train":
         config = ensure_pretrained(config, workdir)
-        results = train.train_and_evaluate(config, workdir)
+        results = train.train_and_evaluate(config, workdir, allow_config_change)
     elif mode == "eval":
         results = evaluate.evaluate_checkpoint(config, workdir, step)
     else:

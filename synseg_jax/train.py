@@ -15,6 +15,7 @@ import os
 import time
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 from clu import metric_writers
 
@@ -27,11 +28,59 @@ class NonFiniteLossError(FloatingPointError):
     pass
 
 
-def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+class ConfigChangedError(ValueError):
+    """A resumed run whose config differs from the one its checkpoints were trained with."""
+
+
+# Fields a resume may change without changing what is trained: how long, how often it logs,
+# checkpoints and evaluates, and what else it scores.
+RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.image_every",
+                     "train.checkpoint_every", "train.keep_checkpoints", "train.eval_every",
+                     "data.extra_eval_splits", "data.eval_batch_size")
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def config_changes(old: dict, new: dict) -> list[str]:
+    """'key: old -> new' for every field that differs (missing fields shown as <absent>)."""
+    a, b = _flat(old), _flat(new)
+    return [f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}"
+            for k in sorted(set(a) | set(b)) if a.get(k, "<absent>") != b.get(k, "<absent>")]
+
+
+def save_config(config: ml_collections.ConfigDict, workdir: str, resuming: bool = False,
+                allow_config_change: bool = False) -> None:
+    """Writes config.json, after the config has been validated (the method and data built).
+
+    On a resume, a config that differs from the recorded one in what is trained is refused,
+    naming each changed key, unless `allow_config_change`; changes in RESUMABLE_CHANGES pass.
+    """
+    text = config.to_json_best_effort(indent=2, sort_keys=True)
+    path = os.path.join(workdir, "config.json")
+    if resuming and os.path.exists(path):
+        with open(path) as f:
+            changes = config_changes(json.load(f), json.loads(text))
+        blocking = [c for c in changes if not c.startswith(tuple(k + ":"
+                                                                 for k in RESUMABLE_CHANGES))]
+        if blocking and not allow_config_change:
+            raise ConfigChangedError(
+                f"{workdir} holds a run trained with another config; resuming it with this one "
+                f"would mix the two. Changed: " + "; ".join(blocking) + ". Use another "
+                "--workdir, or pass --allow_config_change to resume anyway")
+        if changes:
+            logging.warning("Resuming %s with changed config: %s", workdir, "; ".join(changes))
     if jax.process_index() == 0:
         os.makedirs(workdir, exist_ok=True)
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+        with open(path, "w") as f:
+            f.write(text)
 
 
 def _first_non_finite(host_metrics: dict[str, float]) -> str | None:
@@ -41,14 +90,29 @@ def _first_non_finite(host_metrics: dict[str, float]) -> str | None:
     return None
 
 
+def _stop(problem: str, ckpt: checkpoint.Checkpointer) -> NonFiniteLossError:
+    # An earlier save may still be committing in the background: finish it, so that the
+    # checkpoint named below really is on disk (stopping mid-commit would lose it).
+    ckpt.wait()
+    last = ckpt.latest_step()
+    kept = (f"the last good checkpoint (step {last}) in {ckpt.directory} is intact"
+            if last is not None else "no checkpoint had been written yet")
+    return NonFiniteLossError(f"{problem}; stopping. {kept}.")
+
+
 def _check_finite(host_metrics: dict[str, float], step: int, ckpt: checkpoint.Checkpointer) -> None:
     bad = _first_non_finite(host_metrics)
     if bad is not None:
-        last = ckpt.latest_step()
-        kept = (f"the last good checkpoint (step {last}) in {ckpt.directory} is intact"
-                if last is not None else "no checkpoint had been written yet")
-        raise NonFiniteLossError(
-            f"Non-finite loss at step {step}: {bad} = {host_metrics[bad]}; stopping. {kept}.")
+        raise _stop(f"Non-finite loss at step {step}: {bad} = {host_metrics[bad]}", ckpt)
+
+
+@jax.jit
+def _params_finite(state: TrainState) -> jax.Array:
+    """Whether every floating parameter of every role is finite (a step with a finite loss can
+    still leave inf parameters behind, which must not become a checkpoint)."""
+    leaves = [x for role in state.roles.values() for x in jax.tree_util.tree_leaves(role.params)
+              if jnp.issubdtype(x.dtype, jnp.floating)]
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
 
 
 def load_pretrained(path: str) -> dict:
@@ -68,10 +132,10 @@ def run_evaluation(config, role: str, state: TrainState, mesh, workdir: str, ste
     return results
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       allow_config_change: bool = False
                        ) -> dict[str, metrics.SegmentationScores]:
     """Trains `config.method` for `config.train.steps`; returns the final evaluation scores."""
-    save_config(config, workdir)
     mesh = parallel.make_mesh()
     repl, data_sharding = parallel.replicated(mesh), parallel.data_sharding(mesh)
     method = methods.build(config)
@@ -82,6 +146,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
     # A resumed run draws a fresh, still seed-determined data order instead of replaying batches.
     batches = inputs.train_batches(config, mesh, seed=config.seed + 7919 * start_step)
     batch = next(batches)
+    save_config(config, workdir, resuming=start_step > 0,
+                allow_config_change=allow_config_change)
 
     rng = jax.random.PRNGKey(config.seed)
     pretrained = None
@@ -132,6 +198,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
         if step % t.checkpoint_every == 0 or is_last:
             host = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
             _check_finite(host, step, ckpt)  # a bad step never reaches a checkpoint
+            if not bool(_params_finite(state)):
+                raise _stop(f"Non-finite parameters after step {step} (its losses were finite)",
+                            ckpt)
             ckpt.save(step, state)
         if eval_targets and ((t.eval_every and step % t.eval_every == 0) or is_last):
             targets = eval_targets if is_last else eval_targets[:1]

@@ -85,6 +85,25 @@ def test_torchvision_resnet_cli_loads_as_init_weights(tmp_path, capsys):
     assert_tree_equal(role.collections["batch_stats"]["backbone"], loaded["batch_stats"])
 
 
+def test_existing_destination_is_refused_unless_overwrite(tmp_path, capsys):
+    """Writing weights into a run's folder would delete the run: refused, the folder untouched."""
+    model = segmenters.build_segmenter("pspnet_r101", 19, style="torchvision", **TINY_RESNET)
+    src = save_pth(fake_state_dict(model, weights.torchvision_resnet_naming,
+                                   extra=[("fc.weight", (1000, 256)), ("fc.bias", (1000,))]),
+                   tmp_path / "resnet50.pth")
+    run = tmp_path / "runs" / "gta5"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.json").write_text("{}")
+    args = ["--format=torchvision_resnet50", f"--src={src}", f"--dst={run}",
+            "--stage-sizes=1,1,1,1", "--width=0.125"]
+    with pytest.raises(FileExistsError, match=r"gta5 is not empty \(it holds checkpoints, "
+                                              r"config.json\).*--overwrite"):
+        import_weights.main(args)
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "config.json"]
+    run_cli(capsys, *args, "--overwrite")
+    assert checkpoint.load_variables(str(run))["params"]
+
+
 def test_wrong_depth_is_reported(tmp_path):
     model = segmenters.build_segmenter("pspnet_r101", 19, **TINY_RESNET)
     src = save_pth(fake_state_dict(model, weights.torchvision_resnet_naming), tmp_path / "r.pth")

@@ -34,11 +34,11 @@ def test_stages_run_in_order_write_a_pseudo_labelled_dataset_and_resume(data_dir
     real_train = train.train_and_evaluate
     trained = []
 
-    def killed_in_adapt(cfg, stage_dir):
+    def killed_in_adapt(cfg, stage_dir, *args):
         trained.append(os.path.basename(stage_dir))
         if os.path.basename(stage_dir) == "adapt":
             raise KeyboardInterrupt("killed inside the adapt stage")
-        return real_train(cfg, stage_dir)
+        return real_train(cfg, stage_dir, *args)
 
     monkeypatch.setattr(train, "train_and_evaluate", killed_in_adapt)
     with pytest.raises(KeyboardInterrupt):
@@ -68,8 +68,8 @@ def test_stages_run_in_order_write_a_pseudo_labelled_dataset_and_resume(data_dir
 
     # Rerun: the finished stages are skipped, the killed one runs, from the source weights.
     trained.clear()
-    monkeypatch.setattr(train, "train_and_evaluate", lambda c, d: (trained.append(
-        os.path.basename(d)), real_train(c, d))[1])
+    monkeypatch.setattr(train, "train_and_evaluate", lambda c, d, *a: (trained.append(
+        os.path.basename(d)), real_train(c, d, *a))[1])
     recipe.run(config, workdir)
     assert trained == ["adapt"]
     with open(os.path.join(workdir, "adapt", "config.json")) as f:

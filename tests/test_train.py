@@ -4,6 +4,7 @@ demo pretraining, and the same losses on 1 and 8 devices."""
 import glob
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -103,14 +104,30 @@ def test_non_finite_loss_stops_with_step_and_term_and_keeps_last_good_checkpoint
     workdir = str(tmp_path / "run")
     config = tiny_config(data_dir, "optim.seg.lr=1e30", "train.checkpoint_every=1", "train.eval_every=0",
                          "train.steps=8")
-    with pytest.raises(train.NonFiniteLossError, match=r"step \d+: loss/seg = (nan|inf)") as err:
+    with pytest.raises(train.NonFiniteLossError,
+                       match=r"step \d+(: loss/seg = (nan|inf)| \(its losses were finite\))") as err:
         train.train_and_evaluate(config, workdir)
     ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
-    bad_step = int(str(err.value).split("step ")[1].split(":")[0])
+    bad_step = int(re.search(r"step (\d+)", str(err.value)).group(1))
     assert all(s < bad_step for s in ckpt.all_steps())
+    # The checkpoint the message names is the one on disk, committed (no half-written save).
+    assert not glob.glob(os.path.join(workdir, "checkpoints", "*tmp*"))
     if ckpt.all_steps():
+        assert f"checkpoint (step {max(ckpt.all_steps())})" in str(err.value)
         params, _ = ckpt.restore_role("seg", *_seg_shapes(config))
         assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(params))
+
+
+def test_non_finite_loss_command_ends_with_its_message(data_dir, tmp_path):
+    arg = ",".join(["demo", f"data.data_dir={data_dir}", *TINY, "optim.seg.lr=1e30",
+                    "train.eval_every=0", "train.steps=8"])
+    proc = subprocess.run(
+        [sys.executable, "-m", "synseg_jax.main", f"--config=configs/source_only.py:{arg}",
+         f"--workdir={tmp_path / 'run'}"], cwd=REPO, capture_output=True, text=True,
+        timeout=600, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == 1
+    assert proc.stderr.rstrip().splitlines()[-1].startswith("error: Non-finite ")
+    assert "Traceback" not in proc.stderr
 
 
 def test_demo_pretraining_runs_once_and_initialises_the_backbone(data_dir, tmp_path):
@@ -252,3 +269,26 @@ def test_method_hooks_pictures_and_no_eval_role(data_dir, tmp_path, monkeypatch)
     assert results == {} and not os.path.exists(os.path.join(workdir, "eval"))
     tags = _event_tags(workdir)
     assert tags["train/made_up"] == [2] and "train/source_image" not in tags
+
+
+def test_resume_with_another_config_names_the_changes_and_refuses(data_dir, tmp_path):
+    workdir = str(tmp_path / "run")
+    train.train_and_evaluate(tiny_config(data_dir, "train.steps=2", "train.eval_every=0"), workdir)
+    changed = tiny_config(data_dir, "train.steps=3", "train.eval_every=0", "optim.seg.lr=0.5")
+    with pytest.raises(train.ConfigChangedError, match=r"optim\.seg\.lr: 0\.01 -> 0\.5") as err:
+        train.train_and_evaluate(changed, workdir)
+    assert "train.steps" not in str(err.value)  # training longer is a plain resume
+    with open(os.path.join(workdir, "config.json")) as f:
+        assert json.load(f)["optim"]["seg"]["lr"] == 0.01  # the record is left as it was
+    train.train_and_evaluate(changed, workdir, allow_config_change=True)
+    with open(os.path.join(workdir, "config.json")) as f:
+        assert json.load(f)["optim"]["seg"]["lr"] == 0.5
+    assert checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                   read_only=True).latest_step() == 3
+
+
+def test_an_invalid_config_leaves_no_config_record(data_dir, tmp_path):
+    workdir = str(tmp_path / "run")
+    with pytest.raises(ValueError, match="unet"):
+        train.train_and_evaluate(tiny_config(data_dir, "model.name=unet"), workdir)
+    assert not os.path.exists(os.path.join(workdir, "config.json"))
