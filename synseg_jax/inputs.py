@@ -94,15 +94,21 @@ def abstract_batch(config: ml_collections.ConfigDict) -> dict:
     """Shapes of one global train batch, for building a state without reading data."""
     data, b = config.data, config.train.batch_size
 
-    def domain(resize, labelled):
-        hw = tuple(data.crop) or tuple(resize) or (data.minicity.object_size,) * 2
+    def domain(name, split, resize, labelled):
+        classification = datasets.spec(name).task(split) == "classification"
+        if classification:  # object crops, stored at their training size
+            hw = (data.minicity.object_size,) * 2
+        else:
+            hw = tuple(data.crop) or tuple(resize) or (data.minicity.object_size,) * 2
         out = {"image": jax.ShapeDtypeStruct((b, *hw, 3), jax.numpy.float32),
                "crop_box": jax.ShapeDtypeStruct((b, 4), jax.numpy.float32)}
         if labelled:
-            out["label"] = jax.ShapeDtypeStruct((b, *hw), jax.numpy.uint8)
+            out["label"] = (jax.ShapeDtypeStruct((b,), jax.numpy.int32) if classification
+                            else jax.ShapeDtypeStruct((b, *hw), jax.numpy.uint8))
         return out
 
-    batch = {"source": domain(data.train_resize, True)}
+    batch = {"source": domain(data.source, data.source_split, data.train_resize, True)}
     if data.target:
-        batch["target"] = domain(data.target_resize, data.target_labels)
+        batch["target"] = domain(data.target, data.target_split, data.target_resize,
+                                 data.target_labels)
     return batch

@@ -1,0 +1,82 @@
+"""Every registered method keeps the protocol the loop relies on, on a tiny config: roles, one
+jitted step with well-named finite metrics and an lr per optimised role, predict's class count,
+and a restore of the evaluated role alone from a checkpoint."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import pretrain, road, source_only
+from synseg_jax import checkpoint, inputs, methods
+from synseg_jax.methods import base
+from tests.tiny import TINY_DATA_AND_MODEL
+
+TINY = [o for o in TINY_DATA_AND_MODEL if not o.startswith("data.minicity")] + [
+    "train.batch_size=2", "data.minicity.object_size=16"]
+
+# Every registered method with the config file and overrides that make it runnable.
+CONFIGS = {
+    "source_only": (source_only, []),
+    "classifier": (pretrain, ["model.stage_sizes=(1,1,1,1)", "model.width=0.125"]),
+    "road": (road, ["method.disc_hidden=(8,8)"]),
+    "self_training": (source_only, ["method.name=self_training", "data.target=minicity",
+                                    "data.target_split=real_train", "data.target_labels=True"]),
+}
+
+
+def test_every_registered_method_is_covered():
+    assert sorted(CONFIGS) == sorted(methods.METHODS)
+
+
+def fake_batch(config, rng):
+    def fill(spec):
+        if spec.dtype == jnp.float32 and spec.shape[-1] == 4:  # crop boxes
+            return jnp.tile(jnp.asarray([0.0, 0.0, 1.0, 1.0]), (*spec.shape[:-1], 1))
+        if jnp.issubdtype(spec.dtype, jnp.integer):
+            return jnp.asarray(rng.integers(0, config.model.num_classes, spec.shape), spec.dtype)
+        return jnp.asarray(rng.normal(size=spec.shape) * 30, spec.dtype)
+    return jax.tree_util.tree_map(fill, inputs.abstract_batch(config))
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_method_protocol(name, tmp_path):
+    module, extra = CONFIGS[name]
+    config = module.get_config(",".join(["demo", *TINY, *extra]))
+    method = methods.build(config)
+    batch = fake_batch(config, np.random.default_rng(0))
+    state = jax.jit(method.init)(jax.random.PRNGKey(0), batch, None)
+    assert set(state.roles) == set(method.roles)
+
+    new_state, metrics = jax.jit(method.train_step)(state, batch)
+    assert int(new_state.step) == 1
+    for key, value in metrics.items():
+        assert key.split("/")[0] in ("loss", "lr", "train"), key
+        assert np.ndim(value) == 0 and np.isfinite(float(value)), key
+    assert any(k.startswith("loss/") for k in metrics)
+    for role, role_state in new_state.roles.items():
+        if role_state.opt_state is not None:
+            assert f"lr/{role}" in metrics, role
+    changed = jax.tree_util.tree_map(lambda a, b: bool(jnp.any(a != b)),
+                                     state.roles[base.eval_role_of(method)].params,
+                                     new_state.roles[base.eval_role_of(method)].params)
+    assert any(jax.tree_util.tree_leaves(changed))  # the step trained the evaluated role
+
+    role = base.eval_role_of(method)
+    variables = new_state.roles[role].variables
+    logits = method.predict(variables, batch["source"]["image"])
+    assert logits.shape[0] == batch["source"]["image"].shape[0]
+    assert logits.shape[-1] == config.model.num_classes
+
+    ckpt = checkpoint.Checkpointer(str(tmp_path / "checkpoints"))
+    ckpt.save(1, new_state)
+    ckpt.close()
+    abstract = jax.eval_shape(method.init, jax.random.PRNGKey(0), inputs.abstract_batch(config))
+    reader = checkpoint.Checkpointer(str(tmp_path / "checkpoints"), read_only=True)
+    params, collections = reader.restore_role(role, abstract.roles[role].params,
+                                              abstract.roles[role].collections)
+    for a, b in zip(jax.tree_util.tree_leaves(params),
+                    jax.tree_util.tree_leaves(new_state.roles[role].params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
