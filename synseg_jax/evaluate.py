@@ -51,17 +51,22 @@ def results_stem(workdir: str, name: str, step: int) -> str:
     return os.path.join(workdir, "eval", f"{safe}_{step}")
 
 
-def write_results(workdir: str, name: str, step: int,
-                  scores: metrics.SegmentationScores) -> tuple[str, str]:
-    """Writes eval/<name>_<step>.json and .md (process 0 only); returns both paths."""
-    stem = results_stem(workdir, name, step)
+def write_results(workdir: str, name: str, step: int, scores: metrics.SegmentationScores,
+                  variant: str = "") -> tuple[str, str]:
+    """Writes eval/<name>_<step>[.<variant>].json and .md (process 0 only); returns both paths.
+
+    `variant` names evaluation settings that differ from the run's own (see
+    `evaluation_variant`), so such results never replace the training-time ones.
+    """
+    stem = results_stem(workdir, name, step) + (f".{variant}" if variant else "")
     if jax.process_index() == 0:
         os.makedirs(os.path.dirname(stem), exist_ok=True)
+        record = {"split": name, "step": int(step), "variant": variant, **scores.to_dict()}
         with open(stem + ".json", "w") as f:
-            f.write(json.dumps({"split": name, "step": int(step), **scores.to_dict()}, indent=2,
-                               allow_nan=False))
+            f.write(json.dumps(record, indent=2, allow_nan=False))
         with open(stem + ".md", "w") as f:
-            f.write(f"# {name}, step {step}\n\n" + metrics.markdown_table(scores))
+            title = f"# {name}, step {step}" + (f" ({variant})" if variant else "")
+            f.write(title + "\n\n" + metrics.markdown_table(scores))
         logging.info("Wrote %s.json and .md", stem)
     return stem + ".json", stem + ".md"
 
@@ -91,9 +96,38 @@ def evaluate_checkpoint(config, workdir: str, step: int | None = None
     variables = jax.device_put({"params": params, **collections}, parallel.replicated(mesh))
     method = methods.build(config)
     eval_step = jax.jit(make_eval_step(method.predict, config.model.num_classes))
+    variant = evaluation_variant(workdir, config)
     results = {}
     for name, split in inputs.eval_targets(config):
         scores = evaluate(eval_step, variables, inputs.eval_batches(config, mesh, name, split))
-        write_results(workdir, f"{name}/{split}", step, scores)
+        write_results(workdir, f"{name}/{split}", step, scores, variant)
         results[f"{name}/{split}"] = scores
     return results
+
+
+# Settings that change an evaluation's numbers (the model and checkpoint aside).
+EVAL_SETTINGS = ("data.eval_size", "data.normalization", "data.data_dir", "data.minicity")
+
+
+def evaluation_variant(workdir: str, config) -> str:
+    """"" when `config` evaluates as the run's recorded config.json did; otherwise a file-safe
+    name of the differing settings, e.g. "eval_size-64x128"."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        return ""
+    with open(path) as f:
+        recorded = json.load(f)
+    current = json.loads(config.to_json_best_effort())
+    parts = []
+    for key in EVAL_SETTINGS:
+        old, new = _lookup(recorded, key), _lookup(current, key)
+        if old != new:
+            value = "x".join(map(str, new)) if isinstance(new, list) else json.dumps(new)
+            parts.append(f"{key.split('.', 1)[1]}-{value}")
+    return re.sub(r"[^A-Za-z0-9_.x-]+", "_", "_".join(parts)).strip("_")
+
+
+def _lookup(tree: dict, dotted: str):
+    for key in dotted.split("."):
+        tree = tree.get(key) if isinstance(tree, dict) else None
+    return tree

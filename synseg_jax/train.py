@@ -264,6 +264,8 @@ def _write_summary(workdir: str) -> None:
         if name.endswith(".json") and name != "summary.json":
             with open(os.path.join(directory, name)) as f:
                 record = json.load(f)
+            if record.get("variant"):  # --mode=eval with other settings: not this run's curve
+                continue
             history.setdefault(record["split"], []).append((record["step"], record["miou_19"]))
     summary = {}
     for split, points in history.items():

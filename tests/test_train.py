@@ -76,6 +76,28 @@ def test_eval_mode_reproduces_training_time_numbers(finished_run, tmp_path):
         assert earlier.to_dict()["per_class_iou"] == json.load(f)["per_class_iou"]
 
 
+def test_eval_mode_with_other_settings_keeps_training_time_results(finished_run):
+    from synseg_jax import config_keys  # noqa: PLC0415
+
+    config, workdir, _ = finished_run
+    path = os.path.join(workdir, "eval", "minicity_real_val_4.json")
+    with open(path) as f:
+        at_train_time = f.read()
+    smaller = config_keys.apply_overrides(config, "data.eval_size=(16,32)")
+    scores = evaluate.evaluate_checkpoint(smaller, workdir)["minicity/real_val"]
+    with open(path) as f:
+        assert f.read() == at_train_time  # untouched
+    variant = os.path.join(workdir, "eval", "minicity_real_val_4.eval_size-16x32.json")
+    with open(variant) as f:
+        record = json.load(f)
+    assert record["variant"] == "eval_size-16x32"
+    assert record["miou_19"] == pytest.approx(scores.miou_19)
+    train._write_summary(workdir)  # the run's summary ignores other-settings results
+    with open(os.path.join(workdir, "eval", "summary.json")) as f:
+        assert json.load(f)["minicity/real_val"]["last"]["miou_19"] == json.loads(
+            at_train_time)["miou_19"]
+
+
 def test_resume_continues_from_latest_step(data_dir, tmp_path):
     workdir = str(tmp_path / "run")
     train.train_and_evaluate(tiny_config(data_dir, "train.eval_every=0"), workdir)
