@@ -12,6 +12,9 @@ import dataclasses
 import io
 import multiprocessing
 import os
+import threading
+import time
+import warnings
 from typing import Iterator
 
 import numpy as np
@@ -83,17 +86,37 @@ def _render_encoded(job: tuple[str, int, MinicityOptions]) -> tuple[int, dict]:
     return index, encoded
 
 
+def _exit_with_parent(parent: int) -> None:
+    """Worker initialiser: a worker whose parent is gone (killed, even with -9) exits within a
+    second instead of waiting forever on the task queue as an orphan."""
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
 def _render_all(split: str, options: MinicityOptions) -> Iterator[tuple[int, dict]]:
     jobs = [(split, i, options) for i in range(options.count(split))]
     workers = options.workers or os.cpu_count() or 1
     if workers == 1:
         yield from map(_render_encoded, jobs)
         return
-    # Workers run numpy/PIL only; fork avoids re-importing the (TF/JAX-heavy) parent's __main__.
+    # Workers run numpy/PIL only, never JAX or TF, so forking this multithreaded process is safe
+    # for them (JAX's warning about fork concerns children that use JAX), and fork spares each
+    # worker a re-import of the TF/JAX-heavy parent's __main__ that spawn would make.
     methods = multiprocessing.get_all_start_methods()
     context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
-        yield from pool.map(_render_encoded, jobs, chunksize=64)
+    with concurrent.futures.ProcessPoolExecutor(
+            workers, mp_context=context, initializer=_exit_with_parent,
+            initargs=(os.getpid(),)) as pool:
+        with warnings.catch_warnings():  # map submits every job now: all workers fork here
+            warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called",
+                                    category=RuntimeWarning)
+            results = pool.map(_render_encoded, jobs, chunksize=64)
+        yield from results
 
 
 class _MinicityBase(tfds.core.GeneratorBasedBuilder):
