@@ -64,7 +64,8 @@ def train_batches(config: ml_collections.ConfigDict, mesh, *, seed: int) -> pipe
             source.dataset, config=source_aug, batch_size=local_batch, seed=seed,
             table=source.label_table, shuffle_buffer=data.shuffle_buffer, name=source.description)
         ds = ds.map(lambda b: {"source": b})
-    return pipeline.HostIterator(ds, mesh=mesh, name="train")
+    described = source.description + (f" and {target.description}" if data.target else "")
+    return pipeline.HostIterator(ds, mesh=mesh, name=f"training data ({described})")
 
 
 def eval_batches(config: ml_collections.ConfigDict, mesh, name: str, split: str):
@@ -78,7 +79,7 @@ def eval_batches(config: ml_collections.ConfigDict, mesh, name: str, split: str)
         image_size=tuple(data.eval_size) or None, normalization=data.normalization,
         num_batches=pipeline.num_eval_batches(per_process_max, local_batch),
         name=opened.description)
-    return pipeline.HostIterator(ds, mesh=mesh, name=f"{name}/{split}")
+    return pipeline.HostIterator(ds, mesh=mesh, name=opened.description)
 
 
 def eval_targets(config: ml_collections.ConfigDict) -> list[tuple[str, str]]:

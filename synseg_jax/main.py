@@ -13,11 +13,13 @@ from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from synseg_jax import checkpoint, parallel, paths, recipe, train  # noqa: E402
+from synseg_jax.data import datasets, pipeline  # noqa: E402
 
 # Errors that describe a run's situation (a diverged loss, a checkpoint that does not fit, a
 # missing file), as opposed to a bug: reported by their message alone.
 EXPECTED_ERRORS = (train.NonFiniteLossError, train.ConfigChangedError,
-                   checkpoint.CheckpointMismatchError, FileNotFoundError, FileExistsError)
+                   checkpoint.CheckpointMismatchError, FileNotFoundError, FileExistsError,
+                   pipeline.DataCorruptionError, datasets.DataDirError)
 
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/road.py:demo",
                                 lock_config=True)

@@ -132,7 +132,7 @@ def export_split(config, predict: Callable, variables, dataset: str, split: str,
     ds = pipeline.eval_stream(opened.dataset, batch_size=data.eval_batch_size,
                               table=opened.label_table, image_size=tuple(data.eval_size) or None,
                               normalization=data.normalization, name=opened.description)
-    batches = pipeline.HostIterator(ds, name=f"{dataset}/{split}")
+    batches = pipeline.HostIterator(ds, name=opened.description)
     step = jax.jit(make_predict_step(predict))
     written = export_batches(step, variables, batches, opened.num_examples, out_dir, colour_dir)
     logging.info("Wrote %d predictions of %s to %s", len(written), opened.description, out_dir)

@@ -2,6 +2,7 @@
 labels and crop boxes with pixels, streams, padding, determinism and error paths."""
 
 import logging
+import os
 import time
 
 import jax.numpy as jnp
@@ -448,3 +449,38 @@ def test_host_iterator_forms_global_arrays():
     assert set(batch) == {"image", "label", "crop_box"}
     assert batch["image"].shape == (2, 32, 48, 3)
     assert batch["image"].sharding == parallel.data_sharding(mesh)
+
+
+def test_a_truncated_shard_is_named_by_its_dataset_and_folder(tmp_path):
+    """TF says only "truncated record at N"; the error names the split and its folder."""
+    import glob  # noqa: PLC0415
+
+    from synseg_jax.data import datasets  # noqa: PLC0415
+    from synseg_jax.data.builders.minicity import MinicityOptions  # noqa: PLC0415
+
+    counts = {"sim": 2, "sim_topdown": 2, "real_train": 2, "real_val": 4}
+    options = MinicityOptions.create(scene_size=(32, 64), num_examples=counts, workers=1)
+    opened = datasets.open_split("minicity", "real_val", data_dir=str(tmp_path),
+                                 minicity_options=options)
+    (shard,) = glob.glob(str(tmp_path / "minicity" / "*" / "*" / "*real_val.tfrecord*"))
+    with open(shard, "r+b") as f:
+        f.truncate(os.path.getsize(shard) // 2)
+    opened = datasets.open_split("minicity", "real_val", data_dir=str(tmp_path),
+                                 minicity_options=options)
+    with pytest.raises(P.DataCorruptionError,
+                       match=rf"minicity/real_val in {tmp_path}.*damaged.*truncated"):
+        list(P.HostIterator(opened.dataset.batch(4), name=opened.description))
+
+
+def test_an_unwritable_data_dir_says_what_to_do(tmp_path, monkeypatch):
+    from synseg_jax.data import datasets  # noqa: PLC0415
+    from synseg_jax.data.builders import minicity as builders  # noqa: PLC0415
+
+    def refuse(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(tmp_path / "minicity"))
+
+    monkeypatch.setattr(builders.Minicity, "download_and_prepare", refuse)
+    with pytest.raises(datasets.DataDirError,
+                       match=rf"Cannot render minicity into the data dir {tmp_path}.*"
+                             r"Permission denied.*data.data_dir \(or \$SYNSEG_DATA_DIR\)"):
+        datasets.open_split("minicity", "real_val", data_dir=str(tmp_path))

@@ -26,6 +26,10 @@ from synseg_jax.data.builders import minicity as minicity_builders
 from synseg_jax.data.builders import synthia as synthia_builders
 
 
+class DataDirError(OSError):
+    """A data dir that cannot be written or read as needed."""
+
+
 @dataclasses.dataclass(frozen=True)
 class DatasetSpec:
     splits: tuple[str, ...]
@@ -109,7 +113,13 @@ def _builder(name: str, split: str, data_dir: str, minicity_options):
                                    minicity_builders.MinicityOptions())
         if not builder.is_prepared():
             logging.info("Rendering minicity %s into %s (one time)", builder.info.full_name, data_dir)
-            builder.download_and_prepare()
+            try:
+                builder.download_and_prepare()
+            except OSError as err:
+                raise DataDirError(
+                    f"Cannot render minicity into the data dir {data_dir}: {err}. Set "
+                    "data.data_dir (or $SYNSEG_DATA_DIR) to a folder this user can write, with "
+                    "about 1 GB free") from err
         return builder
     if name.startswith(DERIVED_PREFIX):
         folder = name[len(DERIVED_PREFIX):]

@@ -561,6 +561,10 @@ def _pop_unknown(tree: dict) -> int:
     return total
 
 
+class DataCorruptionError(IOError):
+    """A damaged dataset file (e.g. a truncated TFRecord shard)."""
+
+
 class HostIterator(Iterator):
     """Iterate a batched tf.data stream as numpy batches, or global jax Arrays given a mesh.
 
@@ -576,7 +580,15 @@ class HostIterator(Iterator):
         self.unknown_label_pixels = 0
 
     def __next__(self):
-        batch = next(self._it)
+        try:
+            batch = next(self._it)
+        except tf.errors.DataLossError as err:
+            # TF names neither the file nor the dataset; the stream's name does (it holds the
+            # split and the folder its shards are in).
+            raise DataCorruptionError(
+                f"{self.name}: a stored data file is damaged ({err.message}). Rebuild the "
+                "dataset: `python -m synseg_jax.prepare --overwrite ...` for a real dataset, or "
+                "delete the folder of a minicity build to render it again") from None
         unknown = _pop_unknown(batch)
         if unknown:
             self.unknown_label_pixels += unknown
