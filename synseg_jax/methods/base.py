@@ -154,6 +154,33 @@ def role_optimizer(optim_config: ml_collections.ConfigDict, role: str) -> RoleOp
     return RoleOptimizer(role, tx, schedule, o.head_lr_mult)
 
 
+@dataclasses.dataclass(frozen=True)
+class Segmenter:
+    """The trained `seg` role segmentation methods share: the network, its optimiser, the
+    auxiliary-loss weight, which domains update BN statistics, and its pretrained subtree."""
+
+    model: nn.Module
+    opt: RoleOptimizer
+    aux_weight: float
+    bn_update: str
+    init_scope: str
+
+    @classmethod
+    def from_config(cls, config: ml_collections.ConfigDict) -> "Segmenter":
+        updates_stats(config.model.bn_update, "source")  # validates the setting
+        return cls(segmenter_from_config(config.model), role_optimizer(config.optim, "seg"),
+                   config.method.aux_weight, config.model.bn_update, config.model.init_scope)
+
+    def init_role(self, rng: jax.Array, sample: jax.Array, pretrained: dict | None) -> RoleState:
+        return init_segmenter(self.model, rng, sample, self.opt.tx, pretrained, self.init_scope)
+
+    def updates_stats(self, domain: str) -> bool:
+        return updates_stats(self.bn_update, domain)
+
+    def predict(self, variables: dict, images: jax.Array) -> jax.Array:
+        return predict_logits(self.model, variables, images)
+
+
 def init_segmenter(module: nn.Module, rng: jax.Array, sample: jax.Array,
                    tx: optax.GradientTransformation, pretrained: dict | None,
                    scope: str) -> RoleState:

@@ -139,11 +139,8 @@ class Road:
 
     def __init__(self, config: ml_collections.ConfigDict):
         me = config.method
-        self.model = base.segmenter_from_config(config.model)
-        self.seg_opt = base.role_optimizer(config.optim, "seg")
-        self.aux_weight = me.aux_weight
-        self.update_source_stats = base.updates_stats(config.model.bn_update, "source")
-        self.init_scope = config.model.init_scope
+        self.seg = base.Segmenter.from_config(config)
+        self.model = self.seg.model
         self.dist, self.spt = me.dist, me.spt
         self.lambda_dist, self.lambda_spt = me.lambda_dist, me.lambda_spt
         if me.dist_domain not in ("target", "source"):
@@ -160,7 +157,6 @@ class Road:
         if self.needs_target and not config.data.target:
             raise ValueError("ROAD's target-guided distillation / spatial adaptation need target "
                              "images: set data.target (or method.dist_domain=source, spt=False)")
-        self.update_target_stats = base.updates_stats(config.model.bn_update, "target")
         self.teacher = teacher_backbone(config.model.name, self.model)
         self.disc = RegionClassifiers(self.grid[0] * self.grid[1], tuple(me.disc_hidden))
         self.disc_opt = base.role_optimizer(config.optim, "disc") if self.spt else None
@@ -168,8 +164,7 @@ class Road:
 
     def init(self, rng, batch, pretrained=None) -> TrainState:
         sample = batch["source"]["image"]
-        seg = base.init_segmenter(self.model, rng, sample, self.seg_opt.tx, pretrained,
-                                  self.init_scope)
+        seg = self.seg.init_role(rng, sample, pretrained)
         roles = {"seg": seg}
         features = jax.eval_shape(
             lambda p: self.model.apply({"params": p, **seg.collections}, sample, train=False),
@@ -225,15 +220,15 @@ class Road:
         seg = state.roles["seg"]
         source = batch["source"]
         out_s, collections = base.forward(self.model, seg, seg_params, source["image"], train=True,
-                                          update_stats=self.update_source_stats,
+                                          update_stats=self.seg.updates_stats("source"),
                                           rng=state.step_rng("dropout"))
-        total, terms = base.supervised_loss(out_s, source["label"], self.aux_weight)
+        total, terms = base.supervised_loss(out_s, source["label"], self.seg.aux_weight)
         out_t = None
         if self.needs_target:
             target = batch["target"]
             out_t, collections = base.forward(
                 self.model, seg.replace(collections=collections), seg_params, target["image"],
-                train=True, update_stats=self.update_target_stats,
+                train=True, update_stats=self.seg.updates_stats("target"),
                 rng=state.step_rng("dropout_target"))
         if self.dist:
             on_target = self.dist_domain == "target"
@@ -262,8 +257,8 @@ class Road:
         (_, (terms, collections)), (seg_grads, disc_grads) = grad_fn(
             seg.params, disc_params, state, batch)
         roles = dict(state.roles)
-        roles["seg"] = base.apply_gradients(seg, seg_grads, self.seg_opt.tx, collections)
-        metrics = {**terms, **self.seg_opt.lr_metrics(state.step)}
+        roles["seg"] = base.apply_gradients(seg, seg_grads, self.seg.opt.tx, collections)
+        metrics = {**terms, **self.seg.opt.lr_metrics(state.step)}
         if self.spt:
             roles["disc"] = base.apply_gradients(state.roles["disc"], disc_grads,
                                                  self.disc_opt.tx)
@@ -271,4 +266,4 @@ class Road:
         return state.replace(step=state.step + 1, roles=roles), metrics
 
     def predict(self, seg_variables, images):
-        return base.predict_logits(self.model, seg_variables, images)
+        return self.seg.predict(seg_variables, images)

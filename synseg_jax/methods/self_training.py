@@ -20,33 +20,30 @@ class SelfTraining:
         if not (config.data.target and config.data.target_labels):
             raise ValueError("self_training needs a pseudo-labelled target: data.target (a "
                              "sweep stage's dataset) with data.target_labels=True")
-        self.model = base.segmenter_from_config(config.model)
-        self.seg_opt = base.role_optimizer(config.optim, "seg")
-        self.aux_weight = config.method.aux_weight
+        self.seg = base.Segmenter.from_config(config)
+        self.model = self.seg.model
         self.lambda_pseudo = config.method.lambda_pseudo
-        self.update_source_stats = base.updates_stats(config.model.bn_update, "source")
-        self.update_target_stats = base.updates_stats(config.model.bn_update, "target")
-        self.init_scope = config.model.init_scope
 
     def init(self, rng, batch, pretrained=None) -> TrainState:
-        seg = base.init_segmenter(self.model, rng, batch["source"]["image"], self.seg_opt.tx,
-                                  pretrained, self.init_scope)
-        return TrainState(step=jnp.zeros((), jnp.int32), rng=rng, roles={"seg": seg})
+        role = self.seg.init_role(rng, batch["source"]["image"], pretrained)
+        return TrainState(step=jnp.zeros((), jnp.int32), rng=rng, roles={"seg": role})
 
     def train_step(self, state: TrainState, batch):
         seg = state.roles["seg"]
         source, target = batch["source"], batch["target"]
+        aux_weight = self.seg.aux_weight
 
         def loss_fn(params):
             out_s, collections = base.forward(self.model, seg, params, source["image"],
-                                              train=True, update_stats=self.update_source_stats,
+                                              train=True,
+                                              update_stats=self.seg.updates_stats("source"),
                                               rng=state.step_rng("dropout"))
-            total, terms = base.supervised_loss(out_s, source["label"], self.aux_weight)
+            total, terms = base.supervised_loss(out_s, source["label"], aux_weight)
             out_t, collections = base.forward(self.model, seg.replace(collections=collections),
                                               params, target["image"], train=True,
-                                              update_stats=self.update_target_stats,
+                                              update_stats=self.seg.updates_stats("target"),
                                               rng=state.step_rng("dropout_target"))
-            pseudo, pseudo_terms = base.supervised_loss(out_t, target["label"], self.aux_weight)
+            pseudo, pseudo_terms = base.supervised_loss(out_t, target["label"], aux_weight)
             terms.update({k.replace("loss/seg", "loss/pseudo"): v
                           for k, v in pseudo_terms.items()})
             total = total + self.lambda_pseudo * pseudo
@@ -54,9 +51,9 @@ class SelfTraining:
             return total, (terms, collections)
 
         (_, (terms, collections)), grads = jax.value_and_grad(loss_fn, has_aux=True)(seg.params)
-        new_seg = base.apply_gradients(seg, grads, self.seg_opt.tx, collections)
-        metrics = {**terms, **self.seg_opt.lr_metrics(state.step)}
+        new_seg = base.apply_gradients(seg, grads, self.seg.opt.tx, collections)
+        metrics = {**terms, **self.seg.opt.lr_metrics(state.step)}
         return state.replace(step=state.step + 1, roles={"seg": new_seg}), metrics
 
     def predict(self, seg_variables, images):
-        return base.predict_logits(self.model, seg_variables, images)
+        return self.seg.predict(seg_variables, images)
