@@ -19,7 +19,8 @@ import jax.numpy as jnp
 import ml_collections
 from clu import metric_writers
 
-from synseg_jax import checkpoint, evaluate, inputs, methods, metrics, parallel
+from synseg_jax import checkpoint, evaluate, images, inputs, methods, metrics, parallel
+from synseg_jax.data import labels
 from synseg_jax.methods import base
 from synseg_jax.state import TrainState
 
@@ -165,7 +166,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     eval_step = jax.jit(evaluate.make_eval_step(method.predict, config.model.num_classes))
     eval_targets = (inputs.eval_targets(config)
                     if config.data.eval_dataset and eval_role is not None else [])
-    summaries = base.summaries_of(method, config.data.normalization)
+    summaries = summaries_of(method, config.data.normalization)
     # Replicated output: every process holds the pictures, however the batch is sharded.
     summaries = jax.jit(summaries, out_shardings=repl) if summaries is not None else None
     writer = metric_writers.create_default_writer(
@@ -222,6 +223,39 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     if results and jax.process_index() == 0:
         _write_summary(workdir)
     return results
+
+
+SUMMARY_IMAGES = 3  # pictures per summary
+
+
+def segmentation_summaries(predict, role: str, normalization: str,
+                           max_images: int = SUMMARY_IMAGES):
+    """The default `summaries` hook: the first source images, their labels and the `role`'s
+    predictions, as uint8 RGB. Jittable, so the loop can gather a multi-host batch into one
+    replicated set of pictures."""
+
+    def summaries(state: TrainState, batch: dict) -> dict[str, jax.Array]:
+        source = batch["source"]
+        shown = source["image"][:max_images]
+        out = {"train/source_image": images.to_uint8(shown, normalization, xp=jnp)}
+        label = source.get("label")
+        if label is not None and label.ndim == 3 and role in state.roles:
+            logits = predict(state.roles[role].variables, shown)
+            pred = jnp.argmax(images.resize_bilinear(logits, shown.shape[1:3]), axis=-1)
+            out["train/source_label"] = labels.colorize(label[:max_images], xp=jnp)
+            out["train/source_prediction"] = labels.colorize(pred, xp=jnp)
+        return out
+
+    return summaries
+
+
+def summaries_of(method, normalization: str):
+    """The method's `summaries` hook, or the default segmentation pictures."""
+    hook = getattr(method, "summaries", None)
+    if hook is not None:
+        return hook
+    role = base.eval_role_of(method)
+    return segmentation_summaries(method.predict, role, normalization) if role else None
 
 
 class MetricsInterval:

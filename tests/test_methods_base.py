@@ -131,10 +131,12 @@ def test_default_summaries_are_jittable_uint8_pictures():
     label[0, 0, 0] = 255
     batch = {"source": {"image": jnp.zeros((4, 16, 16, 3)), "label": jnp.asarray(label)}}
     state = method.init(jax.random.PRNGKey(0), batch)
-    pictures = jax.jit(base.summaries_of(method, "caffe_bgr"))(state, batch)
+    from synseg_jax import train  # noqa: PLC0415
+
+    pictures = jax.jit(train.summaries_of(method, "caffe_bgr"))(state, batch)
     assert set(pictures) == {"train/source_image", "train/source_label",
                              "train/source_prediction"}
     for value in pictures.values():
-        assert value.dtype == jnp.uint8 and value.shape == (base.SUMMARY_IMAGES, 16, 16, 3)
+        assert value.dtype == jnp.uint8 and value.shape == (train.SUMMARY_IMAGES, 16, 16, 3)
     np.testing.assert_array_equal(pictures["train/source_label"],
-                                  labels.colorize(label[:base.SUMMARY_IMAGES]))
+                                  labels.colorize(label[:train.SUMMARY_IMAGES]))

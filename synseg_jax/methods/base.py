@@ -16,7 +16,6 @@ import ml_collections
 import optax
 
 from synseg_jax import images, losses, optim
-from synseg_jax.data import labels
 from synseg_jax.models import segmenters
 from synseg_jax.state import RoleState, TrainState
 
@@ -26,7 +25,7 @@ Metrics = dict[str, jax.Array]
 
 class Method(Protocol):
     """Required: `roles`, `init`, `train_step`, `predict`. Optional hooks, with the loop's
-    defaults (see `eval_role_of` and `summaries_of`):
+    defaults (see `eval_role_of` here and `train.summaries_of`):
 
     - ``eval_role: str | None`` -- the role `predict` reads and evaluation restores ("seg");
       None for a stage without a segmenter (a translator), which is then not evaluated.
@@ -47,41 +46,8 @@ class Method(Protocol):
 
 
 DEFAULT_EVAL_ROLE = "seg"
-SUMMARY_IMAGES = 3  # pictures per summary
-
-
 def eval_role_of(method) -> str | None:
     return getattr(method, "eval_role", DEFAULT_EVAL_ROLE)
-
-
-def segmentation_summaries(predict, role: str, normalization: str,
-                           max_images: int = SUMMARY_IMAGES):
-    """The default `summaries` hook: the first source images, their labels and the `role`'s
-    predictions, as uint8 RGB. Jittable, so the loop can gather a multi-host batch into one
-    replicated set of pictures."""
-
-    def summaries(state: TrainState, batch: Batch) -> dict[str, jax.Array]:
-        source = batch["source"]
-        shown = source["image"][:max_images]
-        out = {"train/source_image": images.to_uint8(shown, normalization, xp=jnp)}
-        label = source.get("label")
-        if label is not None and label.ndim == 3 and role in state.roles:
-            logits = predict(state.roles[role].variables, shown)
-            pred = jnp.argmax(images.resize_bilinear(logits, shown.shape[1:3]), axis=-1)
-            out["train/source_label"] = labels.colorize(label[:max_images], xp=jnp)
-            out["train/source_prediction"] = labels.colorize(pred, xp=jnp)
-        return out
-
-    return summaries
-
-
-def summaries_of(method, normalization: str):
-    """The method's `summaries` hook, or the default segmentation pictures."""
-    hook = getattr(method, "summaries", None)
-    if hook is not None:
-        return hook
-    role = eval_role_of(method)
-    return segmentation_summaries(method.predict, role, normalization) if role else None
 
 
 def segmenter_from_config(model: ml_collections.ConfigDict) -> nn.Module:
