@@ -82,7 +82,7 @@ def test_deterministic_across_processes():
 
 def test_splits_use_distinct_streams():
     # Distinct RNG streams are what keeps real_train, real_val and objects scene-disjoint.
-    codes = [minicity._SPLIT_INFO[s][0] for s in minicity.SPLITS]
+    codes = [minicity.SPLIT_INFO[s][0] for s in minicity.SPLITS]
     assert len(set(codes)) == len(codes)
     a = minicity.render_example("real_train", 0)
     b = minicity.render_example("real_val", 0)
