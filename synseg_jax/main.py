@@ -57,7 +57,24 @@ def main(argv):
         sys.exit(1)
 
 
+def check_config_flag(argv) -> None:
+    """Loads ``--config`` once before absl does and exits with one line if it cannot be built (a
+    missing file, an unknown key, a value of the wrong type): absl would report the same message
+    inside two chained tracebacks."""
+    value = paths.config_flag_from_argv(argv)
+    if value is None:
+        return  # absl reports the missing flag
+    path, _, arg = value.partition(":")
+    try:
+        recipe.load_config_file(paths.absolute(path), arg or None)
+    except (FileNotFoundError, KeyError, ValueError, TypeError, AttributeError) as error:
+        message = error.args[0] if isinstance(error, KeyError) and error.args else error
+        print(f"error: --config={value}: {message}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
     # The config file is imported while flags are parsed, before main() runs.
     paths.prepare_config_flag(sys.argv)
+    check_config_flag(sys.argv)
     app.run(main)

@@ -51,14 +51,20 @@ def make_config_package_importable(config_file: str) -> None:
         sys.path.insert(0, root)
 
 
-def config_file_from_argv(argv: Sequence[str]) -> str | None:
-    """The file of ``--config=FILE[:arg]`` (or ``--config FILE``) in a command line."""
+def config_flag_from_argv(argv: Sequence[str]) -> str | None:
+    """The value of ``--config=FILE[:arg]`` (or ``--config FILE[:arg]``) in a command line."""
     for i, arg in enumerate(argv):
         if arg.startswith("--config="):
-            return arg.split("=", 1)[1].split(":", 1)[0]
+            return arg.split("=", 1)[1]
         if arg == "--config" and i + 1 < len(argv):
-            return argv[i + 1].split(":", 1)[0]
+            return argv[i + 1]
     return None
+
+
+def config_file_from_argv(argv: Sequence[str]) -> str | None:
+    """The file of ``--config=FILE[:arg]`` (or ``--config FILE``) in a command line."""
+    value = config_flag_from_argv(argv)
+    return None if value is None else value.split(":", 1)[0]
 
 
 def prepare_config_flag(argv: Sequence[str]) -> None:

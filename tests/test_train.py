@@ -152,6 +152,22 @@ def test_non_finite_loss_command_ends_with_its_message(data_dir, tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.parametrize("config_arg, message", [
+    ("configs/source_only.py:demo,train.stepz=3", "Unknown config key 'train.stepz'; did you mean"),
+    ("configs/nope.py", "configs/nope.py does not exist"),
+])
+def test_a_bad_config_flag_is_one_line_naming_the_problem(config_arg, message, tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "synseg_jax.main", f"--config={config_arg}",
+         f"--workdir={tmp_path / 'run'}"], cwd=REPO, capture_output=True, text=True,
+        timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    last = proc.stderr.rstrip().splitlines()[-1]
+    assert last.startswith(f"error: --config={config_arg}: ") and message in last, proc.stderr
+    assert not (tmp_path / "run").exists()  # nothing written for a config that cannot be built
+
+
 def test_demo_pretraining_runs_once_and_initialises_the_backbone(data_dir, tmp_path):
     config = tiny_config(data_dir, "model.init_weights=demo", "train.steps=2",
                          "pretrain.overrides=train.steps=3", f"pretrain.workdir={tmp_path / 'pre'}")
