@@ -484,3 +484,30 @@ def test_an_unwritable_data_dir_says_what_to_do(tmp_path, monkeypatch):
                        match=rf"Cannot render minicity into the data dir {tmp_path}.*"
                              r"Permission denied.*data.data_dir \(or \$SYNSEG_DATA_DIR\)"):
         datasets.open_split("minicity", "real_val", data_dir=str(tmp_path))
+
+
+def test_tfds_notices_are_dropped_and_other_messages_kept(caplog):
+    from absl import logging as absl_logging  # noqa: PLC0415
+    from synseg_jax.data import datasets  # noqa: PLC0415,F401  (installs the filter)
+    with caplog.at_level(logging.INFO):
+        absl_logging.warning("Using custom data configuration: _MinicityConfig(name='s128')")
+        absl_logging.info("Downloading and preparing dataset Unknown size (download: Unknown "
+                          "size, generated: Unknown size, total: Unknown size) to /tmp/x...")
+        absl_logging.warning("Some other TFDS warning that a user should see")
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages == ["Some other TFDS warning that a user should see"]
+
+
+def test_rendering_a_new_minicity_version_names_the_old_data_beside_it(tmp_path, caplog):
+    from synseg_jax.data import datasets  # noqa: PLC0415
+    config_dir = tmp_path / "minicity" / "s128x256_o64_seed0_n1"
+    (config_dir / "1.0.0").mkdir(parents=True)
+    with caplog.at_level(logging.INFO):
+        datasets._note_other_versions(str(config_dir / "2.0.0"))
+    assert any("minicity 1.0.0" in r.getMessage() and str(config_dir) in r.getMessage()
+               for r in caplog.records)
+    caplog.clear()
+    (config_dir / "1.0.0").rmdir()
+    with caplog.at_level(logging.INFO):
+        datasets._note_other_versions(str(config_dir / "2.0.0"))
+    assert not caplog.records

@@ -30,6 +30,23 @@ class DataDirError(OSError):
     """A data dir that cannot be written or read as needed."""
 
 
+class _TfdsNoticeFilter(logging.Filter):
+    """TFDS logs every custom builder config and every local render as if it were news ("Using
+    custom data configuration", "Downloading and preparing dataset Unknown size"). For datasets
+    this module renders or was told to open, those lines are noise; its own messages say what
+    happens."""
+
+    NOISE = ("Using custom data configuration", "Downloading and preparing dataset",
+             "Dataset minicity", "Constructing tf.data.Dataset", "Load dataset info from",
+             "Reusing dataset", "Generating dataset")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.NOISE)
+
+
+logging.getLogger("absl").addFilter(_TfdsNoticeFilter())
+
+
 @dataclasses.dataclass(frozen=True)
 class DatasetSpec:
     splits: tuple[str, ...]
@@ -107,12 +124,27 @@ def minicity_builder(split: str, data_dir: str, options: minicity_builders.Minic
     return cls(options=options, data_dir=data_dir)
 
 
+def _note_other_versions(version_dir: str) -> None:
+    """Says which older minicity versions sit beside the one being rendered: TFDS keeps them
+    apart (nothing mixes), but they take disk space and nothing reads them any more."""
+    config_dir = os.path.dirname(version_dir)
+    version = os.path.basename(version_dir)
+    if not tf.io.gfile.isdir(config_dir):
+        return
+    others = sorted(v for v in tf.io.gfile.listdir(config_dir)
+                    if v.rstrip("/") != version and v[:1].isdigit())
+    if others:
+        logging.info("minicity %s in %s is not used by this version (%s); delete it to free the "
+                     "space", ", ".join(o.rstrip("/") for o in others), config_dir, version)
+
+
 def _builder(name: str, split: str, data_dir: str, minicity_options):
     if name == "minicity":
         builder = minicity_builder(split, data_dir, minicity_options or
                                    minicity_builders.MinicityOptions())
         if not builder.is_prepared():
             logging.info("Rendering minicity %s into %s (one time)", builder.info.full_name, data_dir)
+            _note_other_versions(builder.data_dir)
             try:
                 builder.download_and_prepare()
             except OSError as err:
