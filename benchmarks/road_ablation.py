@@ -11,7 +11,7 @@ adaptation alone on 1x1 / 2x1 / 2x2 / 3x3 regions (Fig. 6), and full ROAD (Table
 `python -m synseg_jax.main`), so all rows share data, seeds and the demo-pretrained backbone (made
 once per seed, before any timing starts). Wall time is the training + evaluation of one run.
 
-Each finished run leaves `road_result.json` in its workdir and is skipped when the command is run
+Each finished run leaves `result.json` in its workdir and is skipped when the command is run
 again. Prints the markdown table and writes it to <workdir>/road_ablation.md. The full table takes
 over an hour on a 2-core CPU (about 9 rows x ~10 minutes per seed).
 """
@@ -19,14 +19,12 @@ over an hour on a 2-core CPU (about 9 rows x ~10 minutes per seed).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import time
 
-from synseg_jax import evaluate, recipe, train
-
-REAL, HELD_OUT = "minicity/real_val", "minicity/sim[90%:]"  # the demo's eval and extra split
+import runs
+from runs import HELD_OUT, REAL
+from synseg_jax import recipe
 CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                       "configs", "road.py")
 
@@ -71,77 +69,24 @@ def config_for(row: str, seed: int, data_dir: str, overrides: str):
 
 def run_one(row: str, seed: int, args) -> dict:
     workdir = os.path.join(args.workdir, f"{row}_seed{seed}")
-    result_path = os.path.join(workdir, "road_result.json")
-    if not os.path.exists(result_path):
-        config = recipe.ensure_pretrained(config_for(row, seed, args.data_dir, args.overrides),
-                                          workdir)  # one-time pretraining, outside the timing
-        start = time.time()
-        train.train_and_evaluate(config, workdir)
-        record = {"row": row, "seed": seed, "steps": config.train.steps,
-                  "wall_s": time.time() - start}
-        with open(result_path, "w") as f:
-            json.dump(record, f, indent=2)
-    with open(result_path) as f:
-        record = json.load(f)
-    # Scores come from the run's own evaluation files (written by train.train_and_evaluate).
-    record["scores"] = last_scores(workdir)
-    return record
-
-
-def last_scores(workdir: str) -> dict:
-    """{split: {"miou": %, "per_class": {name: %}}} of each evaluated split at its last step."""
-    with open(os.path.join(workdir, "eval", "summary.json")) as f:
-        summary = json.load(f)
-    scores = {}
-    for split, entry in summary.items():
-        step = entry["last"]["step"]
-        path = evaluate.results_stem(workdir, split, step) + ".json"
-        per_class = {}
-        if os.path.exists(path):
-            with open(path) as f:
-                per_class = {k: 100 * (v or 0.0) for k, v in json.load(f)["per_class_iou"].items()}
-        scores[split] = {"miou": 100 * entry["last"]["miou_19"], "per_class": per_class}
-    return scores
-
-
-def _mean_std(values: list[float]) -> str:
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.2f} ± {std:.2f}"
+    return runs.run_once(config_for(row, seed, args.data_dir, args.overrides), workdir,
+                         {"row": row, "seed": seed})
 
 
 def table(records: list[dict]) -> str:
     lines = ["| setting | dist | spt | grid | seeds | steps | real_val mIoU (mean ± std) | per seed "
              "| held-out sim mIoU | wall time / run |",
              "|---|---|---|---|---|---|---|---|---|---|"]
-    for row, rs in _by_row(records).items():
+    for row, rs in runs.by_row(records).items():
         desc, dist, spt, grid, _ = ROWS[row]
         real = [r["scores"][REAL]["miou"] for r in rs]
         sim = [r["scores"][HELD_OUT]["miou"] for r in rs if HELD_OUT in r["scores"]]
         lines.append(
             f"| {desc} | {dist or '-'} | {spt or '-'} | {grid or '-'} | "
-            f"{','.join(str(r['seed']) for r in rs)} | {rs[0]['steps']} | {_mean_std(real)} | "
-            f"{' / '.join(f'{m:.2f}' for m in real)} | {_mean_std(sim) if sim else '-'} | "
+            f"{','.join(str(r['seed']) for r in rs)} | {rs[0]['steps']} | {runs.mean_std(real)} | "
+            f"{' / '.join(f'{m:.2f}' for m in real)} | {runs.mean_std(sim) if sim else '-'} | "
             f"{statistics.mean(r['wall_s'] for r in rs):.0f} s |")
     return "\n".join(lines)
-
-
-def per_class_table(records: list[dict]) -> str:
-    """Per-class IoU on real_val (mean over seeds), one column per row of the ablation."""
-    by_row = _by_row(records)
-    names = list(next(iter(by_row.values()))[0]["scores"][REAL]["per_class"])
-    lines = ["| class | " + " | ".join(by_row) + " |", "|---|" + "---:|" * len(by_row)]
-    for name in names:
-        cells = [statistics.mean(r["scores"][REAL]["per_class"][name] for r in rs)
-                 for rs in by_row.values()]
-        lines.append(f"| {name} | " + " | ".join(f"{c:.1f}" for c in cells) + " |")
-    return "\n".join(lines)
-
-
-def _by_row(records: list[dict]) -> dict[str, list[dict]]:
-    by_row: dict[str, list[dict]] = {}
-    for r in records:
-        by_row.setdefault(r["row"], []).append(r)
-    return by_row
 
 
 def main():
@@ -161,7 +106,7 @@ def main():
     records = [run_one(row, seed, args) for row in rows for seed in seeds]
     text = ("ROAD ablations on the minicity demo (configs/road.py:demo; mIoU over 19 classes on "
             "minicity real_val, last step)\n\n" + table(records) + "\n\nPer-class IoU (%) on "
-            "real_val, mean over seeds:\n\n" + per_class_table(records) + "\n")
+            "real_val, mean over seeds:\n\n" + runs.per_class_table(runs.by_row(records)) + "\n")
     os.makedirs(args.workdir, exist_ok=True)
     with open(os.path.join(args.workdir, "road_ablation.md"), "w") as f:
         f.write(text)

@@ -49,6 +49,9 @@ def base_config() -> ml_collections.ConfigDict:
     m.scene_size = (128, 256)  # minicity rendering size (H, W)
     m.object_size = 64  # minicity objects crop size
     m.seed = 0  # generator seed: a different seed is a different benchmark
+    # Domain-gap knobs turned off for the real splits (minicity/gap.py: palette, texture,
+    # lighting, sensor, camera, frequencies); () is the benchmark. For ablations only.
+    m.gap_off = ()
     # Examples per split; 0 keeps the benchmark's size (minicity.DEFAULT_NUM_EXAMPLES).
     m.num_examples = ml_collections.ConfigDict(
         {"sim": 0, "sim_topdown": 0, "real_train": 0, "real_val": 0, "objects": 0})

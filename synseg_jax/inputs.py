@@ -17,7 +17,7 @@ def minicity_options(data: ml_collections.ConfigDict) -> MinicityOptions:
     m = data.minicity
     counts = {split: n for split, n in m.num_examples.items() if n}
     return MinicityOptions.create(scene_size=m.scene_size, object_size=m.object_size, seed=m.seed,
-                                  num_examples=counts)
+                                  num_examples=counts, gap_off=tuple(m.gap_off))
 
 
 def open_split(data: ml_collections.ConfigDict, name: str, split: str,

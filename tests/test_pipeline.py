@@ -451,8 +451,21 @@ def test_host_iterator_forms_global_arrays():
     assert batch["image"].sharding == parallel.data_sharding(mesh)
 
 
-def test_a_truncated_shard_is_named_by_its_dataset_and_folder(tmp_path):
-    """TF says only "truncated record at N"; the error names the split and its folder."""
+def _record_end(path: str, records: int) -> int:
+    """Byte offset just after the first `records` TFRecords of a shard (length, crc, data, crc)."""
+    offset = 0
+    with open(path, "rb") as f:
+        for _ in range(records):
+            f.seek(offset)
+            length = int.from_bytes(f.read(8), "little")
+            offset += 8 + 4 + length + 4
+    return offset
+
+
+@pytest.mark.parametrize("cut", ["inside_a_record", "between_records"])
+def test_a_truncated_shard_is_named_by_its_dataset_and_folder(tmp_path, cut):
+    """TF says only "truncated record at N" (or, cut between records, that the dataset holds
+    fewer elements than expected); the error names the split and its folder."""
     import glob  # noqa: PLC0415
 
     from synseg_jax.data import datasets  # noqa: PLC0415
@@ -463,12 +476,14 @@ def test_a_truncated_shard_is_named_by_its_dataset_and_folder(tmp_path):
     opened = datasets.open_split("minicity", "real_val", data_dir=str(tmp_path),
                                  minicity_options=options)
     (shard,) = glob.glob(str(tmp_path / "minicity" / "*" / "*" / "*real_val.tfrecord*"))
+    end = _record_end(shard, 3) - 20 if cut == "inside_a_record" else _record_end(shard, 2)
     with open(shard, "r+b") as f:
-        f.truncate(os.path.getsize(shard) // 2)
+        f.truncate(end)
     opened = datasets.open_split("minicity", "real_val", data_dir=str(tmp_path),
                                  minicity_options=options)
+    what = "truncated" if cut == "inside_a_record" else "expected to contain 4 elements"
     with pytest.raises(P.DataCorruptionError,
-                       match=rf"minicity/real_val in {tmp_path}.*damaged.*truncated"):
+                       match=rf"minicity/real_val in {tmp_path}.*damaged.*{what}"):
         list(P.HostIterator(opened.dataset.batch(4), name=opened.description))
 
 

@@ -32,7 +32,12 @@ class MinicityOptions:
     object_size: int = minicity.DEFAULT_OBJECT_SIZE
     seed: int = 0
     num_examples: tuple[tuple[str, int], ...] = tuple(minicity.DEFAULT_NUM_EXAMPLES.items())
+    gap_off: tuple[str, ...] = ()  # domain-gap knobs turned off (minicity.KNOBS); () = benchmark
     workers: int = 0  # 0: one per CPU core; not part of the dataset's identity
+
+    @property
+    def gap(self) -> minicity.Gap:
+        return minicity.Gap.without(self.gap_off)
 
     def count(self, split: str) -> int:
         return dict(self.num_examples)[split]
@@ -40,10 +45,16 @@ class MinicityOptions:
     def config_name(self) -> str:
         counts = "-".join(str(self.count(s)) for s in minicity.SPLITS)
         h, w = self.scene_size
-        return f"s{h}x{w}_o{self.object_size}_seed{self.seed}_n{counts}"
+        return (f"s{h}x{w}_o{self.object_size}_seed{self.seed}_n{counts}"
+                f"{minicity.gap_suffix(self.gap)}")
+
+    def for_objects(self) -> "MinicityOptions":
+        """The objects ignore the gap knobs, so every ablation shares one objects build."""
+        return dataclasses.replace(self, gap_off=())
 
     @classmethod
-    def create(cls, *, scene_size=None, object_size=None, seed=0, num_examples=None, workers=0):
+    def create(cls, *, scene_size=None, object_size=None, seed=0, num_examples=None, gap_off=(),
+               workers=0):
         """Builds options from plain values; `num_examples` may name a subset of the splits."""
         counts = dict(minicity.DEFAULT_NUM_EXAMPLES)
         unknown = set(num_examples or {}) - set(counts)
@@ -56,6 +67,7 @@ class MinicityOptions:
             object_size=int(object_size or minicity.DEFAULT_OBJECT_SIZE),
             seed=int(seed),
             num_examples=tuple((s, int(counts[s])) for s in minicity.SPLITS),
+            gap_off=minicity.Gap.without(tuple(gap_off)).off,  # validated, in canonical order
             workers=int(workers),
         )
 
@@ -77,7 +89,7 @@ def _render_encoded(job: tuple[str, int, MinicityOptions]) -> tuple[int, dict]:
     split, index, options = job
     example = minicity.render_example(
         split, index, seed=options.seed, scene_size=options.scene_size,
-        object_size=options.object_size)
+        object_size=options.object_size, gap=options.gap)
     encoded = {"image": io.BytesIO(_png(example["image"])), "scene_id": example["scene_id"]}
     if split == "objects":
         encoded["label"] = int(example["label"])
@@ -121,7 +133,11 @@ def _render_all(split: str, options: MinicityOptions) -> Iterator[tuple[int, dic
 
 class _MinicityBase(tfds.core.GeneratorBasedBuilder):
     VERSION = tfds.core.Version(minicity.VERSION)
-    RELEASE_NOTES = {minicity.VERSION: "Procedural sim-to-real street scenes (see minicity.py)."}
+    RELEASE_NOTES = {
+        "1.0.0": "Procedural sim-to-real street scenes.",
+        "2.0.0": "Calibrated gap: named knobs (minicity/gap.py), no brightness-order flips, "
+                 "thin classes resolvable at 128x256, real_val of 500 scenes.",
+    }
     _SPLITS: tuple[str, ...] = ()
 
     def __init__(self, *, options: MinicityOptions | None = None, **kwargs):
@@ -160,6 +176,9 @@ class MinicityObjects(_MinicityBase):
     """Object-centric crops in the real style: the demo's ImageNet stand-in."""
 
     _SPLITS = ("objects",)
+
+    def __init__(self, *, options: MinicityOptions | None = None, **kwargs):
+        super().__init__(options=(options or MinicityOptions()).for_objects(), **kwargs)
 
     def _info(self):
         return self.dataset_info_from_configs(

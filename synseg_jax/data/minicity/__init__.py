@@ -6,32 +6,31 @@ billboards, projected once to normalised image coordinates and painted far to ne
 rasterises the layout into a primitive-index map; the label map and the image are both looked up
 from that one map, so the `sim` and `real` renderings of a layout share their labels exactly.
 
-The domain gap is built in on purpose:
-* style: `sim` is flat, saturated and noise-free; `real` uses another per-class palette in which
-  several brightness orderings flip (buildings and grass darker than the road, poles lighter
-  than trees, a whitish sky), per-material textures (ground ones in perspective), shadows,
-  light gradients, haze, white balance, vignetting, blur, sensor noise and JPEG;
-* layout: the `real` camera is lower with its horizon further down and its class frequencies
-  differ; `sim_topdown` (SYNTHIA-like) looks from higher up and never shows terrain, trucks or
-  trains.
-Instances vary in colour within a style, so shape, context and position carry the semantics.
+The domain gap is built in on purpose, as named knobs (gap.py, docs/minicity.md): the `real`
+style has a photo's palette, textures, lighting (shading, shadows, haze) and sensor (white balance,
+vignetting, blur, noise, JPEG); the `real` camera sits lower and the class mix differs (more people
+and two-wheelers, fewer trucks and buses). `sim_topdown` (SYNTHIA-like) looks from high up through
+a wide lens and never shows terrain, trucks or trains. Instances vary in colour within a style, so
+shape, context and position carry the semantics.
 
 The only process state is a cache of texture and sensor-noise tiles, built from fixed seeds so
 that every process renders byte-identical examples.
 
-Modules, by what they own: `materials` (class ids, palettes, texture tiles), `geometry` (camera,
-road, shapes, the layout builder), `things` (people, vehicles, street furniture), `layout`
-(domains and the scene sampler), `raster` (index and label maps), `render` (styles: textures,
-lighting, sensor), `examples` (splits, object crops, preview).
+Modules, by what they own: `gap` (the knobs), `materials` (class ids, palettes, texture tiles),
+`geometry` (camera, road, shapes, the layout builder), `things` (people, vehicles, street
+furniture), `layout` (domains and the scene sampler), `raster` (index and label maps), `render`
+(styles: textures, lighting), `sensor` (the real style's camera), `examples` (splits, object
+crops, preview).
 
 `python -m synseg_jax.data.minicity --preview=PATH` writes a grid of examples.
 """
 
 from synseg_jax.data.minicity.examples import (  # noqa: F401
     DEFAULT_NUM_EXAMPLES, DEFAULT_OBJECT_SIZE, SCENE_SPLITS, SPLIT_INFO, SPLITS, VERSION,
-    example_rng, main, preview, render_example, render_labels, scene_layout)
+    example_rng, gap_suffix, main, preview, render_example, render_labels, scene_layout)
+from synseg_jax.data.minicity.gap import FULL, KNOBS, Gap  # noqa: F401
 from synseg_jax.data.minicity.geometry import Camera, Layout, Road  # noqa: F401
-from synseg_jax.data.minicity.layout import DOMAINS, DomainParams, sample_layout  # noqa: F401
+from synseg_jax.data.minicity.layout import DOMAINS, DomainParams, domain_params, sample_layout  # noqa: F401
 from synseg_jax.data.minicity.materials import (  # noqa: F401  (class ids)
     BICYCLE, BUILDING, BUS, CAR, FENCE, LIGHT, MOTORCYCLE, PERSON, POLE, RIDER, ROAD, SIDEWALK,
     SIGN, SKY, TERRAIN, TRAIN, TRUCK, VEGETATION, WALL)

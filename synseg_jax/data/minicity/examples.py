@@ -9,6 +9,7 @@ import numpy as np
 from PIL import Image
 
 from synseg_jax.data import labels
+from synseg_jax.data.minicity.gap import FULL, Gap
 from synseg_jax.data.minicity.geometry import Layout
 from synseg_jax.data.minicity.layout import OBJECT_PARAMS, sample_layout, sample_layout_from
 from synseg_jax.data.minicity.materials import STUFF
@@ -17,11 +18,11 @@ from synseg_jax.data.minicity.raster import (
     rasterize_labels)
 from synseg_jax.data.minicity.render import render_from_index
 
-VERSION = "1.0.0"  # bump when what the generator renders changes
+VERSION = "2.0.0"  # bump when what the generator renders changes
 SCENE_SPLITS: tuple[str, ...] = ("sim", "sim_topdown", "real_train", "real_val")
 SPLITS: tuple[str, ...] = SCENE_SPLITS + ("objects",)
 DEFAULT_NUM_EXAMPLES: dict[str, int] = {
-    "sim": 3000, "sim_topdown": 2000, "real_train": 1500, "real_val": 300, "objects": 5000,
+    "sim": 3000, "sim_topdown": 2000, "real_train": 1500, "real_val": 500, "objects": 5000,
 }
 DEFAULT_OBJECT_SIZE = 64
 
@@ -119,6 +120,11 @@ def _render_object(rng, size: int) -> tuple[np.ndarray, int]:
     return render_from_index(layout, index, "real", rng, viewport), target
 
 
+def gap_suffix(gap: Gap) -> str:
+    """"" for the full gap, else "-no_<knob>..." for the knobs turned off."""
+    return "".join(f"-no_{knob}" for knob in gap.off)
+
+
 def _check_split(split: str) -> None:
     if split not in SPLIT_INFO:
         raise ValueError(f"Unknown minicity split {split!r}; expected one of {SPLITS}")
@@ -130,38 +136,41 @@ def example_rng(split: str, index: int, seed: int = 0) -> np.random.Generator:
     return np.random.default_rng([seed, SPLIT_INFO[split][0], index])
 
 
-def scene_layout(split: str, index: int, *, seed: int = 0, scene_size=DEFAULT_SCENE_SIZE):
+def scene_layout(split: str, index: int, *, seed: int = 0, scene_size=DEFAULT_SCENE_SIZE,
+                 gap: Gap = FULL):
     """The layout (and the RNG, positioned for rendering) of a scene split's example."""
     _check_split(split)
     if split == "objects":
         raise ValueError("'objects' is not a scene split; use render_example")
     rng = example_rng(split, index, seed)
     h, w = scene_size
-    return sample_layout(rng, SPLIT_INFO[split][1], aspect=w / h), rng
+    return sample_layout(rng, SPLIT_INFO[split][1], aspect=w / h, gap=gap), rng
 
 
 def render_example(split: str, index: int, *, seed: int = 0, scene_size=DEFAULT_SCENE_SIZE,
-                   object_size: int = DEFAULT_OBJECT_SIZE) -> dict:
+                   object_size: int = DEFAULT_OBJECT_SIZE, gap: Gap = FULL) -> dict:
     """Scene splits -> {"image": uint8 (H, W, 3), "label": uint8 (H, W) trainIds, "scene_id"};
     objects -> {"image": uint8 (S, S, 3), "label": int trainId, "scene_id"}.
 
     A pure function of its arguments: the same arguments give byte-identical output in any
-    process and any order."""
+    process and any order. `gap` turns domain-gap knobs off for the real scene splits (the
+    objects, the demo's ImageNet stand-in, always keep the full real style)."""
     _check_split(split)
-    scene_id = f"minicity-{VERSION}/{split}/{seed}/{index:06d}"
+    scene_id = f"minicity-{VERSION}{gap_suffix(gap)}/{split}/{seed}/{index:06d}"
     if split == "objects":
         image, label = _render_object(example_rng(split, index, seed), int(object_size))
         return {"image": image, "label": label, "scene_id": scene_id}
     size = tuple(int(s) for s in scene_size)
-    layout, rng = scene_layout(split, index, seed=seed, scene_size=size)
+    layout, rng = scene_layout(split, index, seed=seed, scene_size=size, gap=gap)
     index_map = rasterize_index(layout, size)
-    image = render_from_index(layout, index_map, SPLIT_INFO[split][2], rng, FULL_VIEW)
+    image = render_from_index(layout, index_map, SPLIT_INFO[split][2], rng, FULL_VIEW, gap)
     return {"image": image, "label": labels_from_index(layout, index_map), "scene_id": scene_id}
 
 
-def render_labels(split: str, index: int, *, seed: int = 0, scene_size=DEFAULT_SCENE_SIZE):
+def render_labels(split: str, index: int, *, seed: int = 0, scene_size=DEFAULT_SCENE_SIZE,
+                  gap: Gap = FULL):
     """Only the label map of a scene example (cheap: no image), identical to render_example's."""
-    layout, _ = scene_layout(split, index, seed=seed, scene_size=scene_size)
+    layout, _ = scene_layout(split, index, seed=seed, scene_size=scene_size, gap=gap)
     return rasterize_labels(layout, tuple(scene_size))
 
 

@@ -8,6 +8,7 @@ import math
 
 import numpy as np
 
+from synseg_jax.data.minicity.gap import FULL, Gap
 from synseg_jax.data.minicity.geometry import (
     Builder, Camera, Layout, Road, add, add_billboard, add_prism, blob, ground_quads, insets,
     prism_faces, strip)
@@ -35,8 +36,8 @@ class DomainParams:
     p_truck: float
     p_bus: float
     p_train: float
-    p_moto: float
-    p_bicycle: float
+    motorcycles: float                # expected number
+    bicycles: float
     p_rider: float                    # a bicycle or motorcycle is ridden
     p_light: float                    # per pole
     p_sign: float                     # per pole
@@ -49,27 +50,43 @@ class DomainParams:
     terrain: bool                     # may the ground show terrain at all
     z_far: float                      # objects are placed up to this depth
     facade_end: tuple[float, float] = (110.0, 170.0)  # depth where the rows of blocks end
+    # Focal length in image heights. 1.9-2.2 is a road camera's ~50 degree horizontal field of
+    # view (Cityscapes': 2262 px on 2048 px); at 128x256 it keeps poles and signs several
+    # pixels wide. 1.0.0 used ~1 (90 degrees) everywhere.
+    focal: tuple[float, float] = (1.9, 2.2)
 
 
+# sim is the game (GTA5-like): a higher camera, wider roads, more trucks and buses, fewer people.
+# real is the city (Cityscapes-like): a car-mounted camera, more people, bicycles and poles.
+# Thin and small classes are drawn at the frequencies (and, via things.py, the sizes) at which a
+# 128x256 image still shows them, so that all 19 classes can be learnt (issue 11).
 DOMAIN_PARAMS: dict[str, DomainParams] = {
     "sim": DomainParams(
         cam_height=(1.6, 2.3), horizon=(0.32, 0.44), road_half_width=(4.5, 9.0),
-        max_curvature=0.004, cars=5.0, persons=3.0, poles=3.0, trees=4.0, p_truck=0.35,
-        p_bus=0.25, p_train=0.05, p_moto=0.2, p_bicycle=0.12, p_rider=0.55, p_light=0.25,
-        p_sign=0.35, p_mast=0.2, p_building=0.65, building_height=(6.0, 32.0), p_wall=0.08,
+        max_curvature=0.004, cars=5.0, persons=4.0, poles=4.0, trees=4.0, p_truck=0.35,
+        p_bus=0.25, p_train=0.05, motorcycles=0.8, bicycles=0.8, p_rider=0.55, p_light=0.6,
+        p_sign=0.45, p_mast=0.3, p_building=0.65, building_height=(6.0, 32.0), p_wall=0.08,
         p_fence=0.08, p_verge=0.3, terrain=True, z_far=70.0),
     "real": DomainParams(
         cam_height=(1.1, 1.5), horizon=(0.40, 0.52), road_half_width=(3.5, 7.5),
-        max_curvature=0.003, cars=6.5, persons=5.0, poles=4.0, trees=5.5, p_truck=0.15,
-        p_bus=0.12, p_train=0.06, p_moto=0.1, p_bicycle=0.3, p_rider=0.5, p_light=0.3,
-        p_sign=0.45, p_mast=0.25, p_building=0.55, building_height=(6.0, 24.0), p_wall=0.1,
+        max_curvature=0.003, cars=6.5, persons=7.0, poles=6.0, trees=5.5, p_truck=0.3,
+        p_bus=0.15, p_train=0.08, motorcycles=0.8, bicycles=1.5, p_rider=0.6, p_light=0.6,
+        p_sign=0.5, p_mast=0.3, p_building=0.55, building_height=(6.0, 24.0), p_wall=0.1,
         p_fence=0.12, p_verge=0.5, terrain=True, z_far=70.0),
     "sim_topdown": DomainParams(
         cam_height=(6.0, 12.0), horizon=(0.10, 0.28), road_half_width=(5.0, 10.0),
-        max_curvature=0.004, cars=6.0, persons=4.0, poles=3.0, trees=4.0, p_truck=0.0,
-        p_bus=0.25, p_train=0.0, p_moto=0.2, p_bicycle=0.15, p_rider=0.55, p_light=0.35,
-        p_sign=0.35, p_mast=0.3, p_building=0.65, building_height=(6.0, 28.0), p_wall=0.1,
-        p_fence=0.1, p_verge=0.4, terrain=False, z_far=90.0),
+        max_curvature=0.004, cars=6.0, persons=5.0, poles=4.0, trees=4.0, p_truck=0.0,
+        p_bus=0.25, p_train=0.0, motorcycles=0.8, bicycles=1.0, p_rider=0.55, p_light=0.6,
+        p_sign=0.45, p_mast=0.3, p_building=0.65, building_height=(6.0, 28.0), p_wall=0.1,
+        p_fence=0.1, p_verge=0.4, terrain=False, z_far=90.0,
+        focal=(0.92, 1.08)),  # a wide lens from high up, as SYNTHIA's
+}
+# The fields each layout knob of gap.py owns; with the knob off, real takes sim's values.
+KNOB_FIELDS: dict[str, tuple[str, ...]] = {
+    "camera": ("cam_height", "horizon", "road_half_width", "max_curvature", "building_height"),
+    "frequencies": ("cars", "persons", "poles", "trees", "p_truck", "p_bus", "p_train", "motorcycles",
+                    "bicycles", "p_rider", "p_light", "p_sign", "p_mast", "p_building", "p_wall",
+                    "p_fence", "p_verge"),
 }
 DOMAINS: tuple[str, ...] = tuple(DOMAIN_PARAMS)
 
@@ -85,9 +102,9 @@ _REQUIRE: dict[int, dict[str, float]] = {
     WALL: {"p_wall": 0.5}, FENCE: {"p_fence": 0.5}, POLE: {"poles": 5.0},
     LIGHT: {"p_light": 1.0, "poles": 3.0}, SIGN: {"p_sign": 1.0, "poles": 3.0},
     VEGETATION: {"trees": 6.0}, TERRAIN: {"p_verge": 1.0}, PERSON: {"persons": 5.0},
-    RIDER: {"p_bicycle": 1.0, "p_rider": 1.0}, CAR: {"cars": 6.0}, TRUCK: {"p_truck": 1.0},
-    BUS: {"p_bus": 1.0}, TRAIN: {"p_train": 1.0}, MOTORCYCLE: {"p_moto": 1.0},
-    BICYCLE: {"p_bicycle": 1.0},
+    RIDER: {"bicycles": 1.5, "p_rider": 1.0}, CAR: {"cars": 6.0}, TRUCK: {"p_truck": 1.0},
+    BUS: {"p_bus": 1.0}, TRAIN: {"p_train": 1.0}, MOTORCYCLE: {"motorcycles": 1.5},
+    BICYCLE: {"bicycles": 1.5},
 }
 
 # --- background, skyline, ground ---------------------------------------------------------------
@@ -322,7 +339,7 @@ def _street(b: Builder, rng, cam: Camera, road: Road, p: DomainParams, train_lan
     if rng.random() < 0.45:  # parked cars along a kerb, blocking the outer lane
         side = 1 if rng.random() < 0.6 else -1
         lane = len(lanes) - 1 if side > 0 else 0
-        for z in np.arange(rng.uniform(z_lo, 20.0), z_hi, rng.uniform(5.5, 9.0)):
+        for z in np.arange(rng.uniform(z_lo, max(z_lo, 20.0)), z_hi, rng.uniform(5.5, 9.0)):
             if rng.random() < 0.7 and claim(lane, z - 2.5, z + 2.5):
                 x = road.centre(z) + side * (road.half_width - 1.1)
                 vehicle(b, CAR, x, z, road.heading(z) + (rng.random() < 0.3) * math.pi, cam)
@@ -343,7 +360,7 @@ def _street(b: Builder, rng, cam: Camera, road: Road, p: DomainParams, train_lan
                 break
 
     def two_wheeler(kind: int, ridden: bool) -> None:
-        z = rng.uniform(z_lo + 1.0, min(z_hi, 30.0))
+        z = rng.uniform(z_lo + 1.0, min(z_hi, 25.0))
         angle = (1 if rng.random() < 0.5 else -1) * rng.uniform(0.35, 1.0)
         if ridden:
             lane = max(0, min(len(lanes) - 1, ego + int(rng.integers(-1, 2))))
@@ -357,13 +374,12 @@ def _street(b: Builder, rng, cam: Camera, road: Road, p: DomainParams, train_lan
         parts = bicycle_parts(rng, ridden) if kind == BICYCLE else motorcycle_parts(rng, ridden)
         add_billboard(b.group(b.THINGS, depth=z), parts, x, z, angle)
 
-    for kind, prob in ((BICYCLE, p.p_bicycle), (MOTORCYCLE, p.p_moto)):
-        if rng.random() < prob:
-            for _ in range(1 + (rng.random() < 0.3)):
-                two_wheeler(kind, rng.random() < p.p_rider)
+    for kind, mean in ((BICYCLE, p.bicycles), (MOTORCYCLE, p.motorcycles)):
+        for _ in range(rng.poisson(mean)):
+            two_wheeler(kind, rng.random() < p.p_rider)
 
     for _ in range(rng.poisson(p.persons)):
-        z = rng.uniform(z_lo, min(z_hi, 40.0))
+        z = rng.uniform(z_lo, min(z_hi, 30.0))
         if rng.random() < 0.12:  # crossing the road
             x = road.centre(z) + rng.uniform(-road.half_width, road.half_width)
         else:
@@ -394,20 +410,33 @@ def _street(b: Builder, rng, cam: Camera, road: Road, p: DomainParams, train_lan
         add_billboard(b.group(b.THINGS, depth=z), tree_parts(rng, rng.uniform(0.8, 1.3)), x, z)
 
 
-def sample_layout(rng: np.random.Generator, domain: str, *, aspect: float = 2.0,
-                  require: int | None = None) -> Layout:
-    """Sample a scene of `domain` ("sim", "real" or "sim_topdown"); `require` (a trainId) raises
-    the odds of that class so that object crops can find it."""
+def domain_params(domain: str, gap: Gap = FULL) -> DomainParams:
+    """The scene parameters of a domain; for `real`, the layout knobs that `gap` turns off take
+    sim's values."""
     if domain not in DOMAIN_PARAMS:
         raise ValueError(f"Unknown domain {domain!r}; expected one of {DOMAINS}")
-    return sample_layout_from(rng, domain, DOMAIN_PARAMS[domain], aspect, require)
+    p = DOMAIN_PARAMS[domain]
+    if domain == "real":
+        sim = DOMAIN_PARAMS["sim"]
+        for knob, fields in KNOB_FIELDS.items():
+            if not getattr(gap, knob):
+                p = dataclasses.replace(p, **{f: getattr(sim, f) for f in fields})
+    return p
+
+
+def sample_layout(rng: np.random.Generator, domain: str, *, aspect: float = 2.0,
+                  require: int | None = None, gap: Gap = FULL) -> Layout:
+    """Sample a scene of `domain` ("sim", "real" or "sim_topdown"); `require` (a trainId) raises
+    the odds of that class so that object crops can find it; `gap` (real only) turns layout knobs
+    off."""
+    return sample_layout_from(rng, domain, domain_params(domain, gap), aspect, require)
 
 
 def sample_layout_from(rng, domain: str, p: DomainParams, aspect: float, require) -> Layout:
     if require is not None:
         p = dataclasses.replace(p, **_REQUIRE[require])
     cam = Camera(height=rng.uniform(*p.cam_height), horizon=rng.uniform(*p.horizon),
-                 focal=rng.uniform(0.92, 1.08), aspect=aspect)
+                 focal=rng.uniform(*p.focal), aspect=aspect)
     half_width = rng.uniform(*p.road_half_width)
     verge = tuple(rng.uniform(0.8, 2.5) if rng.random() < p.p_verge else 0.0 for _ in range(2))
     road = Road(x0=-rng.uniform(0.25, 0.75) * half_width, k=rng.uniform(-1, 1) * p.max_curvature,

@@ -3,27 +3,19 @@ sensor effects for real."""
 
 from __future__ import annotations
 
-import functools
-import io
 import math
 
 import numpy as np
-from PIL import Image
 
+from synseg_jax.data.minicity.gap import FULL, Gap
 from synseg_jax.data.minicity.geometry import Layout
 from synseg_jax.data.minicity.materials import (
     GROUND, MAT_TEXTURE, SKY, TEXTURES, TILE, colour_lut, texture_tiles)
+from synseg_jax.data.minicity.sensor import Sensor
 from synseg_jax.data.minicity.raster import (
     DEFAULT_SCENE_SIZE, FULL_VIEW, draw_polygons, in_view, labels_from_index, rasterize_index)
 
 STYLES: tuple[str, ...] = ("sim", "real")
-
-
-@functools.lru_cache(maxsize=8)
-def _sensor_noise_tile(h: int, w: int) -> np.ndarray:
-    """Planar unit Gaussian noise a little larger than an image, read at a random offset."""
-    return np.random.default_rng(7).standard_normal((3, h + 32, w + 32)).astype(np.float32)
-
 
 
 # Ground materials are textured in world coordinates (perspective-correct paving, asphalt and
@@ -44,13 +36,13 @@ def _pixel_coords(shape, viewport) -> tuple[np.ndarray, np.ndarray]:
     return ys, xs
 
 
-def _texture_field(layout: Layout, index: np.ndarray, rng, ys, xs) -> np.ndarray:
+def _texture_field(layout: Layout, index: np.ndarray, offset, ys, xs) -> np.ndarray:
     """(H, W) float32 multiplicative shading from the texture of each pixel's material."""
     h, w = index.shape
     t = TILE
     tex = np.concatenate([[0], MAT_TEXTURE[layout.mat]])
     base = np.take((tex * (t * t)).astype(np.int32), index)
-    oy, ox = (int(o) for o in rng.integers(t, size=2))
+    oy, ox = offset
     flat = base + (((np.arange(h) + oy) % t) * t).astype(np.int32)[:, None]
     flat += ((np.arange(w) + ox) % t).astype(np.int32)[None, :]
 
@@ -74,65 +66,65 @@ def _texture_field(layout: Layout, index: np.ndarray, rng, ys, xs) -> np.ndarray
     return value
 
 
-def _real_finish(layout: Layout, index: np.ndarray, rng, viewport) -> np.ndarray:
-    """Photo-like rendering: textures, shadows, light gradient, haze, white balance, vignetting,
-    lens blur, sensor noise and JPEG. Works on planar (3, H, W) arrays, where numpy's
-    broadcasting of per-pixel factors over channels is several times faster than on (H, W, 3)."""
+def _real_finish(layout: Layout, index: np.ndarray, rng, viewport, gap: Gap) -> np.ndarray:
+    """Photo-like rendering: textures, shading, shadows, light gradient and haze, then the camera
+    (sensor.py). Works on planar (3, H, W) arrays, where numpy's broadcasting of per-pixel factors
+    over channels is several times faster than on (H, W, 3). Every random draw is made whatever
+    the knobs say, in one order, so a knob turned off changes nothing but its own factor."""
     h, w = index.shape
     ys, xs = _pixel_coords((h, w), viewport)
     cls = labels_from_index(layout, index)
-    gains = np.float32(rng.uniform(0.85, 1.15)) * np.array(
-        (rng.uniform(1.0, 1.12), 1.0, rng.uniform(0.82, 0.98)), np.float32)
-    colours = (colour_lut(layout, "real") * gains).T.copy()
+    sensor = Sensor.draw(rng, gap.sensor)
+    texture_offset = tuple(int(o) for o in rng.integers(TILE, size=2))
+    shadow_strength = np.float32(rng.uniform(0.3, 0.5))
+    light_angle, light_strength = rng.uniform(0, 2 * np.pi), np.float32(rng.uniform(0.1, 0.35))
+    haze_strength = np.float32(rng.uniform(0.1, 0.3))
 
-    field = _texture_field(layout, index, rng, ys, xs)
-    if len(layout.shadow_starts) > 1:
-        shadow = draw_polygons((h, w), layout.shadow_uv, layout.shadow_starts,
-                                np.ones(len(layout.shadow_starts) - 1), viewport,
-                                in_view(layout.shadow_uv, layout.shadow_starts, viewport))
-        field *= 1.0 - np.float32(rng.uniform(0.3, 0.5)) * ((shadow > 0) & np.take(_IS_GROUND, cls))
-    angle = rng.uniform(0, 2 * np.pi)
-    light = 1.0 + np.float32(rng.uniform(0.1, 0.35)) * (
-        (xs - 0.5) * np.float32(math.cos(angle)) + (ys - 0.5) * np.float32(math.sin(angle)))
-    vignette = 1.0 - np.float32(rng.uniform(0.15, 0.4) * 2.0) * ((xs - 0.5) ** 2 + (ys - 0.5) ** 2)
-    # Aerial perspective: what lies near the horizon is far away and fades towards the sky.
-    haze = np.float32(rng.uniform(0.1, 0.3)) * np.exp(-np.abs(ys - layout.camera.horizon) / 0.05)
-    haze = np.where(cls == SKY, np.float32(0), haze) * vignette
-    field *= light * vignette
-    field -= haze * field  # field * (1 - haze), without another temporary
+    colours = colour_lut(layout, "real" if gap.palette else "sim",
+                         "real" if gap.lighting else "sim")
+    colours = (colours * sensor.white_balance()).T.copy()
+    if gap.texture:
+        field = _texture_field(layout, index, texture_offset, ys, xs)
+    else:
+        field = np.ones((h, w), np.float32)
+    vignette = sensor.vignette(ys, xs)
+    field *= vignette
+    haze = None
+    if gap.lighting:
+        if len(layout.shadow_starts) > 1:
+            shadow = draw_polygons((h, w), layout.shadow_uv, layout.shadow_starts,
+                                   np.ones(len(layout.shadow_starts) - 1), viewport,
+                                   in_view(layout.shadow_uv, layout.shadow_starts, viewport))
+            field *= 1.0 - shadow_strength * ((shadow > 0) & np.take(_IS_GROUND, cls))
+        field *= 1.0 + light_strength * ((xs - 0.5) * np.float32(math.cos(light_angle))
+                                         + (ys - 0.5) * np.float32(math.sin(light_angle)))
+        # Aerial perspective: what lies near the horizon is far away and fades towards the sky.
+        haze = haze_strength * np.exp(-np.abs(ys - layout.camera.horizon) / 0.05)
+        haze = np.where(cls == SKY, np.float32(0), haze) * vignette
+        field -= haze * field  # field * (1 - haze), without another temporary
     img = np.take(colours, index, axis=1)
     img *= field
-    img += haze * (_HAZE_COLOUR * gains)[:, None, None]
-    # Lens: a 2x2 box blur (a half-pixel shift) in each direction; edges keep their value.
-    img[:, 1:] += img[:, :-1]
-    img[:, 0] *= 2.0
-    img[:, :, 1:] += img[:, :, :-1]
-    img[:, :, 0] *= 2.0
-    img *= 0.25
-    noise_y, noise_x = (int(o) for o in rng.integers(32, size=2))
-    img += np.float32(rng.uniform(2.0, 7.0)) * _sensor_noise_tile(h, w)[:, noise_y:noise_y + h,
-                                                                         noise_x:noise_x + w]
-    np.clip(img, 0, 255, out=img)
-    buf = io.BytesIO()
-    Image.fromarray(img.astype(np.uint8).transpose(1, 2, 0)).save(
-        buf, format="JPEG", quality=int(rng.integers(30, 80)))
-    return np.array(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
+    if haze is not None:
+        img += haze * (_HAZE_COLOUR * sensor.white_balance())[:, None, None]
+    return sensor.capture(img)
 
 
-def render_from_index(layout: Layout, index: np.ndarray, style: str, rng, viewport) -> np.ndarray:
+def render_from_index(layout: Layout, index: np.ndarray, style: str, rng, viewport,
+                      gap: Gap = FULL) -> np.ndarray:
     if style not in STYLES:
         raise ValueError(f"Unknown style {style!r}; expected one of {STYLES}")
     if style == "sim":
-        colours = np.clip(colour_lut(layout, style) + 0.5, 0, 255).astype(np.uint8)
+        colours = np.clip(colour_lut(layout, "sim", "sim") + 0.5, 0, 255).astype(np.uint8)
         return np.take(colours, index, axis=0)
-    return _real_finish(layout, index, rng, viewport)
+    return _real_finish(layout, index, rng, viewport, gap)
 
 
 def render_image(layout: Layout, style: str, size=DEFAULT_SCENE_SIZE, rng=None,
-                 viewport=FULL_VIEW) -> np.ndarray:
+                 viewport=FULL_VIEW, gap: Gap = FULL) -> np.ndarray:
     """(H, W, 3) uint8 image of the layout in "sim" or "real" style; `rng` drives the per-image
-    camera effects of the real style (the sim style uses none)."""
+    camera effects of the real style (the sim style uses none); `gap` says which of the real
+    style's differences to apply."""
     rng = np.random.default_rng(0) if rng is None else rng
     index = rasterize_index(layout, tuple(size), viewport)
-    return render_from_index(layout, index, style, rng, viewport)
+    return render_from_index(layout, index, style, rng, viewport, gap)
 

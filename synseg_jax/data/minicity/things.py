@@ -75,7 +75,7 @@ def bicycle_parts(rng, ridden: bool):
              + _wheel(BICYCLE, *front, 0.34, tone, "spokes"))
     for p, q in ((rear, bb), (bb, seat), (seat, rear), (seat, head), (bb, head), (head, front),
                  (head, handlebar)):
-        parts.append((BICYCLE, "frame", tone, bar(p, q, 0.06)))
+        parts.append((BICYCLE, "frame", tone, bar(p, q, 0.09)))
     parts.append((BICYCLE, "wheel", tone, bar((-0.3, 0.92), (-0.1, 0.92), 0.06)))
     if ridden:
         parts += _rider_parts(rng, seat, handlebar)
@@ -101,18 +101,18 @@ def motorcycle_parts(rng, ridden: bool):
 
 
 def traffic_light_parts(rng, top: float, x: float = 0.0, facing: bool = True):
-    """A signal head hanging from height `top`."""
+    """A signal head hanging from height `top`, 1.5x life size (see pole_group)."""
     parts = [(LIGHT, "light_box", rng.random(),
-              np.array([(x - 0.17, top - 0.95), (x + 0.17, top - 0.95), (x + 0.17, top),
-                        (x - 0.17, top)]))]
+              np.array([(x - 0.26, top - 1.4), (x + 0.26, top - 1.4), (x + 0.26, top),
+                        (x - 0.26, top)]))]
     if facing:
         for i, lamp in enumerate(("lamp_red", "lamp_amber", "lamp_green")):
-            parts.append((LIGHT, lamp, 0.5, ellipse(x, top - 0.18 - 0.29 * i, 0.1, 0.1, 8)))
+            parts.append((LIGHT, lamp, 0.5, ellipse(x, top - 0.26 - 0.43 * i, 0.15, 0.15, 8)))
     return parts
 
 
 def sign_parts(rng, centre_x: float, centre_y: float):
-    r = rng.uniform(0.35, 0.55)
+    r = rng.uniform(0.55, 0.85)  # 1.5x life size (see pole_group)
     shape = rng.integers(4)
     facing = rng.random() < 0.75
     tone = rng.random()
@@ -253,7 +253,7 @@ def pole_group(b: Builder, rng, road: Road, z: float, side: int, light: bool, si
     x = road.centre(z) + road.kerb(side) + side * 0.5
     g = b.group(b.THINGS, depth=z)
     height = rng.uniform(3.5, 7.5) if (light or not sign) else rng.uniform(2.4, 3.4)
-    width = rng.uniform(0.12, 0.24)
+    width = rng.uniform(0.22, 0.4)  # 1.5-2x real poles: a pole is still 1-3 px wide at 128x256
     tone = rng.random()
     parts = [(POLE, "pole", tone, bar((0, 0), (0, height), width))]
     if light:
@@ -275,8 +275,8 @@ def mast(b: Builder, rng, cam, road: Road, z: float) -> None:
     height = rng.uniform(5.0, 7.0)
     reach = rng.uniform(0.5, 1.0) * road.half_width * 1.6
     tone = rng.random()
-    parts = [(POLE, "pole", tone, bar((0, 0), (0, height), 0.25)),
-             (POLE, "pole", tone, bar((0, height - 0.1), (-side * reach, height - 0.1), 0.15))]
+    parts = [(POLE, "pole", tone, bar((0, 0), (0, height), 0.35)),
+             (POLE, "pole", tone, bar((0, height - 0.1), (-side * reach, height - 0.1), 0.2))]
     for k in range(rng.integers(1, 3)):
         parts += traffic_light_parts(rng, height - 0.15, -side * reach * (0.5 + 0.45 * k))
     if rng.random() < 0.5:

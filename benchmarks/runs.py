@@ -1,0 +1,94 @@
+"""What the minicity benchmark scripts share: one resumable training run through the recipe (the
+code path of `python -m synseg_jax.main`), its last-step scores, and table formatting."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+
+from synseg_jax import evaluate, recipe, train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REAL, HELD_OUT = "minicity/real_val", "minicity/sim[90%:]"  # the demo's eval and extra split
+
+
+def load_config(config_file: str, parts: list[str]):
+    return recipe.load_config_file(os.path.join(REPO, "configs", config_file),
+                                   ",".join(p for p in parts if p))
+
+
+def run_once(config, workdir: str, record: dict) -> dict:
+    """Trains and evaluates `config` in `workdir` unless a finished record is there; returns the
+    record with the wall time of training + evaluation and the last-step scores. Demo pretraining
+    happens before the clock starts (it is timed on its own)."""
+    result_path = os.path.join(workdir, "result.json")
+    if not os.path.exists(result_path):
+        config = recipe.ensure_pretrained(config, workdir)
+        start = time.time()
+        train.train_and_evaluate(config, workdir)
+        record = {**record, "steps": config.train.steps, "wall_s": time.time() - start}
+        with open(result_path, "w") as f:
+            json.dump(record, f, indent=2)
+    with open(result_path) as f:
+        record = json.load(f)
+    record["scores"] = last_scores(workdir)
+    return record
+
+
+def last_scores(workdir: str) -> dict:
+    """{split: {"miou": %, "per_class": {name: %}}} of each evaluated split at its last step."""
+    with open(os.path.join(workdir, "eval", "summary.json")) as f:
+        summary = json.load(f)
+    scores = {}
+    for split, entry in summary.items():
+        step = entry["last"]["step"]
+        path = evaluate.results_stem(workdir, split, step) + ".json"
+        per_class = {}
+        if os.path.exists(path):
+            with open(path) as f:
+                per_class = {k: 100 * (v or 0.0) for k, v in json.load(f)["per_class_iou"].items()}
+        scores[split] = {"miou": 100 * entry["last"]["miou_19"], "per_class": per_class}
+    return scores
+
+
+def mean_std(values: list[float]) -> str:
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.2f} ± {std:.2f}"
+
+
+def by_row(records: list[dict]) -> dict[str, list[dict]]:
+    rows: dict[str, list[dict]] = {}
+    for r in records:
+        rows.setdefault(r["row"], []).append(r)
+    return rows
+
+
+def per_class_table(columns: dict[str, list[dict]], split: str = REAL) -> str:
+    """Per-class IoU (%) on `split`, mean over each column's records (seeds)."""
+    columns = {name: rs for name, rs in columns.items() if rs and split in rs[0]["scores"]}
+    names = list(next(iter(columns.values()))[0]["scores"][split]["per_class"])
+    lines = ["| class | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
+    for name in names:
+        cells = [statistics.mean(r["scores"][split]["per_class"][name] for r in rs)
+                 for rs in columns.values()]
+        lines.append(f"| {name} | " + " | ".join(f"{c:.1f}" for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def provenance() -> str:
+    """Commit, minicity version and machine, for the head of a results file."""
+    from synseg_jax.data import minicity  # noqa: PLC0415
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
+                                capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True, check=True).stdout.strip()
+        commit += " (with uncommitted changes)" if dirty else ""
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    return (f"minicity {minicity.VERSION}; commit {commit}; {platform.machine()}, "
+            f"{os.cpu_count()} CPUs; {time.strftime('%Y-%m-%d')}")
