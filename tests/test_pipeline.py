@@ -2,10 +2,8 @@
 labels and crop boxes with pixels, streams, padding, determinism and error paths."""
 
 import logging
-import os
 import time
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -503,7 +501,10 @@ def test_an_unwritable_data_dir_says_what_to_do(tmp_path, monkeypatch):
 
 def test_tfds_notices_are_dropped_and_other_messages_kept(caplog):
     from absl import logging as absl_logging  # noqa: PLC0415
-    from synseg_jax.data import datasets  # noqa: PLC0415,F401  (installs the filter)
+
+    from synseg_jax.data import datasets  # noqa: PLC0415  (importing it installs the filter)
+    assert any(type(f).__name__ == "_TfdsNoticeFilter"
+               for f in logging.getLogger("absl").filters), datasets
     with caplog.at_level(logging.INFO):
         absl_logging.warning("Using custom data configuration: _MinicityConfig(name='s128')")
         absl_logging.info("Downloading and preparing dataset Unknown size (download: Unknown "

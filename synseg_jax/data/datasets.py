@@ -8,9 +8,12 @@ into the data dir on first use; the real datasets are prepared by `synseg_jax.pr
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import logging
 import os
+import time
 
 import numpy as np
 import tensorflow as tf
@@ -145,8 +148,15 @@ def _builder(name: str, split: str, data_dir: str, minicity_options):
         if not builder.is_prepared():
             logging.info("Rendering minicity %s into %s (one time)", builder.info.full_name, data_dir)
             _note_other_versions(builder.data_dir)
+            start = time.time()
             try:
-                builder.download_and_prepare()
+                # TFDS prints "Downloading and preparing dataset Unknown size" and "downloaded and
+                # prepared" to stdout for what is a local render; its progress bars (stderr) and
+                # the two log lines here say what happens.
+                with contextlib.redirect_stdout(io.StringIO()):
+                    builder.download_and_prepare()
+                logging.info("Rendered minicity %s in %.0f s", builder.info.full_name,
+                             time.time() - start)
             except OSError as err:
                 raise DataDirError(
                     f"Cannot render minicity into the data dir {data_dir}: {err}. Set "
