@@ -209,8 +209,21 @@ def test_pth_is_loaded_weights_only(tmp_path):
     torch = pytest.importorskip("torch", reason="writing .pth files needs PyTorch")
     path = tmp_path / "evil.pth"
     torch.save({"conv1.weight": torch.zeros(1), "payload": NotATensor()}, str(path))
-    with pytest.raises(ValueError, match="weights-only"):
+    with pytest.raises(ValueError, match="weights-only") as err:
         weights.load_tensor_file(str(path))
+    assert "NotATensor" in str(err.value)  # what was refused is named
+    assert "state_dict()" in str(err.value)  # ... with safe advice, never torch's
+    assert "weights_only` set to `False`" not in str(err.value) and "add_safe_globals" not in str(
+        err.value)
+
+
+def test_random_bytes_are_refused_without_unsafe_advice(tmp_path):
+    pytest.importorskip("torch", reason="reading .pth files needs PyTorch")
+    path = tmp_path / "random.pth"
+    path.write_bytes(np.random.default_rng(0).bytes(2000))
+    with pytest.raises(ValueError, match=r"random\.pth as a weights-only") as err:
+        weights.load_tensor_file(str(path))
+    assert "False" not in str(err.value) and "trusted source" not in str(err.value)
 
 
 def test_missing_torch_is_a_clear_error(tmp_path, monkeypatch):

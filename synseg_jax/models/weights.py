@@ -477,6 +477,20 @@ def _to_numpy(value: Any) -> np.ndarray:
     return value.numpy()
 
 
+def _unpickler_reason(err: Exception) -> str:
+    """What torch found wrong with a file, without its advice to retry with weights_only=False
+    (which runs whatever code the file holds: never the right advice for an unknown file)."""
+    text = str(err)
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1]
+        text = text.split("Check the documentation of torch.load", 1)[0]
+        text = text.split(" Please use `torch.serialization", 1)[0]
+    elif "weights_only" in text:
+        text = "not a PyTorch checkpoint"
+    text = " ".join(text.split()).rstrip(".")
+    return text or "not a PyTorch checkpoint"
+
+
 def load_tensor_file(path: str, key: str | None = None) -> dict[str, np.ndarray]:
     """A checkpoint file as ``{name: numpy array}``.
 
@@ -500,7 +514,10 @@ def load_tensor_file(path: str, key: str | None = None) -> dict[str, np.ndarray]
         except Exception as err:  # torch raises UnpicklingError subclasses, versions differ
             raise ValueError(
                 f"Could not read {path} as a weights-only PyTorch checkpoint (tensors and plain "
-                f"containers only; arbitrary pickled objects are refused): {err}") from err
+                f"containers only; arbitrary pickled objects are refused): "
+                f"{_unpickler_reason(err)}. If it is a whole pickled model from a source you "
+                "trust, load it in PyTorch yourself and save its weights alone "
+                "(torch.save(model.state_dict(), 'weights.pth')), then import that file") from None
     if key is not None:
         if not isinstance(loaded, Mapping) or key not in loaded:
             found = sorted(loaded)[:10] if isinstance(loaded, Mapping) else type(loaded).__name__
