@@ -18,6 +18,7 @@ again. Prints the tables and writes them to <workdir>/calibration.md.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import statistics
 import time
@@ -60,6 +61,7 @@ def main():
     parser.add_argument("--data_dir", default="", help="TFDS data dir (default <workdir>/tfds)")
     parser.add_argument("--overrides", default="", help="extra key=value,... for every run")
     args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     rows = [r for r in args.rows.split(",") if r]
     unknown = [r for r in rows if r not in ROWS]
     if unknown:

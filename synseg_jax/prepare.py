@@ -29,6 +29,27 @@ from synseg_jax.data.builders import common  # noqa: E402
 SUMMARY_FILE = "prepare_summary.json"
 
 
+def _folders_a_build_makes(version_dir: str, data_dir: str) -> list[str]:
+    """The folders TFDS creates for a build, deepest first: the dataset's version folder and its
+    parents up to the data dir, and the data dir's downloads/extracted."""
+    folders = []
+    d = os.path.abspath(version_dir)
+    root = os.path.abspath(data_dir)
+    while d.startswith(root + os.sep):
+        folders.append(d)
+        d = os.path.dirname(d)
+    folders += [os.path.join(root, "downloads", "extracted"), os.path.join(root, "downloads")]
+    return folders
+
+
+def _remove_empty(folders: list[str]) -> None:
+    for folder in folders:  # deepest first, so a parent is empty once its children are gone
+        try:
+            os.rmdir(folder)
+        except OSError:
+            pass  # not empty (or already gone): someone else's data, kept
+
+
 def prepare(dataset: str, manual_dir: str, data_dir: str | None = None, *,
             skip_corrupt: bool = False, allow_partial: bool = False, workers: int = 0,
             overwrite: bool = False, progress: bool = True) -> dict:
@@ -61,7 +82,14 @@ def prepare(dataset: str, manual_dir: str, data_dir: str | None = None, *,
         tfds.disable_progress_bar()  # ours counts images; TFDS's would draw a second bar
     mode = (tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS if overwrite else
             tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(download_mode=mode))
+    made = _folders_a_build_makes(builder.data_dir, data_dir)
+    made = [d for d in made if not os.path.exists(d)]
+    try:
+        builder.download_and_prepare(
+            download_config=tfds.download.DownloadConfig(download_mode=mode))
+    except BaseException:
+        _remove_empty(made)  # a failed build leaves no empty dataset folders behind
+        raise
     splits = {}
     for split, stats in builder.stats.items():
         stored = builder.info.splits[split].num_examples

@@ -295,6 +295,15 @@ def test_missing_manual_dir_lists_the_expected_layout(tmp_path):
             build(name, tmp_path / "empty", tmp_path / "data")
 
 
+def test_a_failed_prepare_leaves_no_empty_folders(tmp_path):
+    (tmp_path / "empty").mkdir()
+    data = tmp_path / "data"
+    (data / "other").mkdir(parents=True)  # what was there before stays
+    with pytest.raises(common.ManualDirError):
+        prepare_cli.prepare("gta5", str(tmp_path / "empty"), str(data), progress=False)
+    assert sorted(os.listdir(data)) == ["other"]
+
+
 @pytest.mark.parametrize("archive", ["rar", "tar.gz"])
 def test_synthia_read_from_its_archive_and_extracted_once(tmp_path, archive):
     """The official RAND_CITYSCAPES.rar in the manual dir, as downloaded: only RGB/ and
