@@ -11,6 +11,15 @@ logits are upsampled bilinearly to the label's (original) size and argmaxed (the
 ``<city>_<seq>_<frame>_gtFine_labelIds.png``; it searches its results folder recursively and
 stops on two candidates, so colourised PNGs go to a separate folder (``--colour_out``).
 
+A folder of your own images instead of a dataset split (any sizes, any PIL-readable format;
+other files are skipped and named):
+
+    python -m synseg_jax.predict --config=configs/source_only.py:gta5 --workdir=runs/gta5 \\
+        --images=photos/ --out=preds/photos
+
+writes ``<name>_pred_labelIds.png`` and ``<name>_overlay.png`` (the photo under the colourised
+prediction) per image, ``<name>`` being its path inside the folder with "/" as "_".
+
 Runs in one process on one device: exporting is bound by PNG writing and needs no mesh.
 """
 
@@ -20,6 +29,7 @@ import collections
 import logging
 import os
 import re
+import sys
 from collections.abc import Callable, Iterable
 
 import jax
@@ -33,6 +43,8 @@ from synseg_jax.data import datasets, labels, pipeline
 
 SUFFIX = "_pred_labelIds.png"
 COLOUR_SUFFIX = "_color.png"
+OVERLAY_SUFFIX = "_overlay.png"
+OVERLAY_ALPHA = 0.55  # weight of the prediction's colours over the photo
 
 
 def to_label_ids(train_ids: np.ndarray) -> np.ndarray:
@@ -139,13 +151,84 @@ def export_split(config, predict: Callable, variables, dataset: str, split: str,
     return written
 
 
+def image_files(folder: str) -> tuple[list[str], list[str]]:
+    """(image files, other files) under ``folder``, recursively, sorted. An image is a file PIL
+    can identify; anything else (text, broken files) goes to the second list."""
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"--images: no folder {folder}")
+    found, skipped = [], []
+    for root, dirs, files in os.walk(folder):
+        dirs.sort()
+        for name in sorted(files):
+            path = os.path.join(root, name)
+            try:
+                with Image.open(path) as img:
+                    img.verify()
+                found.append(path)
+            except (OSError, SyntaxError, ValueError):
+                skipped.append(path)
+    return found, skipped
+
+
+def overlay(rgb: np.ndarray, train_ids: np.ndarray) -> np.ndarray:
+    """The photo under its colourised prediction (ignored pixels stay the photo)."""
+    colour = labels.colorize(train_ids).astype(np.float32)
+    mixed = (1 - OVERLAY_ALPHA) * rgb.astype(np.float32) + OVERLAY_ALPHA * colour
+    keep = (train_ids >= labels.NUM_CLASSES)[..., None]
+    return np.where(keep, rgb, np.rint(mixed)).astype(np.uint8)
+
+
+def export_folder(config, predict: Callable, variables, folder: str, out_dir: str,
+                  colour_dir: str | None = None) -> list[str]:
+    """Predicts every image under ``folder`` at ``data.eval_size`` (or its own size when that is
+    empty), upsamples the logits to the image's size as `evaluate` does, and writes labelIds and
+    overlay PNGs; returns the labelIds paths. Non-image files are skipped and logged by name."""
+    import tensorflow as tf  # noqa: PLC0415  (predict's data path is TF's, as in evaluation)
+
+    files, skipped = image_files(folder)
+    for path in skipped:
+        logging.warning("--images: skipped %s (not an image PIL can read)", path)
+    if not files:
+        raise FileNotFoundError(f"--images: no image files in {folder}"
+                                + (f" ({len(skipped)} other files skipped)" if skipped else ""))
+    data = config.data
+    eval_size = tuple(data.eval_size) or None
+
+    def step(variables, image, out_hw):
+        logits = images.resize_bilinear(predict(variables, image), out_hw)
+        return jnp.argmax(logits, axis=-1).astype(jnp.uint8)
+
+    step = jax.jit(step, static_argnums=2)  # compiled once per distinct image size
+
+    written = []
+    for path in files:
+        with Image.open(path) as img:
+            rgb = np.asarray(img.convert("RGB"))
+        image = tf.convert_to_tensor(rgb)
+        if eval_size is not None:
+            image = pipeline.resize_image(image, eval_size)
+        image = pipeline.normalize(image, data.normalization).numpy()[None]
+        pred = np.asarray(step(variables, image, rgb.shape[:2]))[0]
+        name = file_safe(os.path.splitext(os.path.relpath(path, folder))[0])
+        written.append(write_prediction(out_dir, name, pred))
+        target = colour_dir or out_dir
+        os.makedirs(target, exist_ok=True)
+        Image.fromarray(overlay(rgb, pred)).save(os.path.join(target, name + OVERLAY_SUFFIX))
+    logging.info("Wrote %d predictions of %s to %s (%d files skipped)", len(written), folder,
+                 out_dir, len(skipped))
+    return written
+
+
 def run(config, workdir: str, dataset: str, split: str, out_dir: str, *, step: int | None = None,
-        colour_dir: str | None = None) -> list[str]:
-    """Restores the `seg` role of ``workdir``'s checkpoint (latest or ``step``) and exports."""
+        colour_dir: str | None = None, images_dir: str | None = None) -> list[str]:
+    """Restores the `seg` role of ``workdir``'s checkpoint (latest or ``step``) and exports a
+    dataset split, or the images under ``images_dir`` when given."""
     params, collections = evaluate.restore_seg(config, workdir, step)
     method = methods.build(config)
-    return export_split(config, method.predict, {"params": params, **collections}, dataset,
-                        split, out_dir, colour_dir)
+    variables = {"params": params, **collections}
+    if images_dir:
+        return export_folder(config, method.predict, variables, images_dir, out_dir, colour_dir)
+    return export_split(config, method.predict, variables, dataset, split, out_dir, colour_dir)
 
 
 def main(argv):
@@ -160,8 +243,14 @@ def main(argv):
     dataset = FLAGS.dataset or config.data.eval_dataset
     split = FLAGS.split or config.data.eval_split
     out = paths.absolute(FLAGS.out)
-    written = run(config, paths.absolute(FLAGS.workdir), dataset, split, out, step=FLAGS.step,
-                  colour_dir=paths.absolute(FLAGS.colour_out))
+    images_dir = paths.absolute(FLAGS.images) if FLAGS.images else None
+    try:
+        written = run(config, paths.absolute(FLAGS.workdir), dataset, split, out,
+                      step=FLAGS.step, colour_dir=paths.absolute(FLAGS.colour_out),
+                      images_dir=images_dir)
+    except FileNotFoundError as error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        sys.exit(1)
     print(f"Wrote {len(written)} labelId PNGs to {out}")
 
 
@@ -177,12 +266,12 @@ def _define_flags():
     flags.DEFINE_string("out", None, "Folder for <name>_pred_labelIds.png.")
     flags.DEFINE_string("colour_out", None, "Optional folder for colourised <name>_color.png.")
     flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
+    flags.DEFINE_string("images", None, "A folder of images to predict instead of a dataset "
+                        "split (any size; non-image files are skipped and named).")
     flags.mark_flags_as_required(["config", "workdir", "out"])
 
 
 if __name__ == "__main__":
-    import sys
-
     from absl import app
 
     _define_flags()

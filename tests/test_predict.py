@@ -203,3 +203,49 @@ def test_export_writes_each_example_under_its_own_name_exactly_once(tmp_path):
         predict.export_batches(step, None, repeated, 3, str(tmp_path / "bad"))
     with pytest.raises(RuntimeError, match="2 distinct predictions for 3"):
         predict.export_batches(step, None, good[:1], 3, str(tmp_path / "short"))
+
+
+def test_predict_a_folder_of_images_like_the_evaluation_protocol(tmp_path, caplog):
+    """--images: any sizes and formats, nested folders; labelIds at each image's own size equal
+    to what the evaluation stream predicts for the same image; overlays; other files named."""
+    import logging  # noqa: PLC0415
+
+    import tensorflow as tf  # noqa: PLC0415
+
+    from synseg_jax.data import pipeline  # noqa: PLC0415
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "photos"
+    (folder / "day2").mkdir(parents=True)
+    a = rng.integers(0, 256, (30, 50, 3), np.uint8)
+    b = rng.integers(0, 256, (21, 40, 3), np.uint8)
+    Image.fromarray(a).save(folder / "a.png")
+    Image.fromarray(b).save(folder / "day2" / "b.bmp")
+    (folder / "notes.txt").write_text("not an image")
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"0" * 20)
+    config = source_only.get_config(f"gta5,data.eval_size={EVAL_SIZE}")
+    variables = {"params": {"w": jax.random.normal(jax.random.PRNGKey(0), (3, 19))}}
+    with caplog.at_level(logging.WARNING):
+        paths = predict.export_folder(config, fake_predict, variables, str(folder),
+                                      str(tmp_path / "out"))
+    assert [os.path.basename(p) for p in paths] == [
+        f"a{predict.SUFFIX}", f"day2_b{predict.SUFFIX}"]
+    skipped = " ".join(r.getMessage() for r in caplog.records)
+    assert "notes.txt" in skipped and "broken.png" in skipped
+    step = jax.jit(predict.make_predict_step(fake_predict))
+    for path, rgb in zip(paths, (a, b)):
+        got = np.asarray(Image.open(path))
+        assert got.shape == rgb.shape[:2]
+        ds = tf.data.Dataset.from_tensors({"image": rgb, "label": np.zeros(rgb.shape[:2], np.uint8)})
+        (batch,) = pipeline.HostIterator(pipeline.eval_stream(
+            ds, batch_size=1, table=labels.TRAIN_ID_TABLE, image_size=EVAL_SIZE,
+            normalization=config.data.normalization))
+        expected = np.asarray(step(variables, batch))[0]
+        np.testing.assert_array_equal(got, predict.to_label_ids(expected))
+        name = os.path.basename(path)[: -len(predict.SUFFIX)]
+        over = np.asarray(Image.open(tmp_path / "out" / (name + predict.OVERLAY_SUFFIX)))
+        assert over.shape == rgb.shape and not np.array_equal(over, rgb)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "readme.md").write_text("x")
+    with pytest.raises(FileNotFoundError, match=r"no image files in .*empty \(1 other"):
+        predict.export_folder(config, fake_predict, variables, str(tmp_path / "empty"),
+                              str(tmp_path / "x"))
