@@ -44,7 +44,7 @@ def base_config() -> ml_collections.ConfigDict:
     d.normalization = "caffe_bgr"  # DeepLab lineage: BGR 0..255 minus mean (REFERENCE.md)
     d.eval_size = (512, 1024)  # inference size; logits upsampled to the full label size
     d.eval_batch_size = 1
-    d.shuffle_buffer = 1000
+    d.shuffle_buffer = 1000  # encoded examples (training streams decode after shuffling)
     d.minicity = m = ml_collections.ConfigDict()
     m.scene_size = (128, 256)  # minicity rendering size (H, W)
     m.object_size = 64  # minicity objects crop size

@@ -21,13 +21,13 @@ def minicity_options(data: ml_collections.ConfigDict) -> MinicityOptions:
 
 
 def open_split(data: ml_collections.ConfigDict, name: str, split: str,
-               with_names: bool = False) -> datasets.SplitData:
+               with_names: bool = False, decode: bool = True) -> datasets.SplitData:
     # Restrict TF to the CPU: it must never take accelerator memory from JAX.
     tf.config.set_visible_devices([], "GPU")
     return datasets.open_split(
         name, split, data_dir=data.data_dir or None, process_index=jax.process_index(),
         process_count=jax.process_count(), minicity_options=minicity_options(data),
-        with_names=with_names)
+        with_names=with_names, decode=decode)
 
 
 def augment_config(data: ml_collections.ConfigDict, resize) -> pipeline.AugmentConfig:
@@ -42,27 +42,32 @@ def augment_config(data: ml_collections.ConfigDict, resize) -> pipeline.AugmentC
     )
 
 
-def train_batches(config: ml_collections.ConfigDict, mesh, *, seed: int) -> pipeline.HostIterator:
-    """Endless global batches {"source": ..., ["target": ...]} sharded over the mesh."""
+def train_batches(config: ml_collections.ConfigDict, mesh, *, seed: int,
+                  start_step: int = 0) -> pipeline.HostIterator:
+    """Endless global batches {"source": ..., ["target": ...]} sharded over the mesh: batch k is
+    the same whenever the stream starts, so `start_step` (the steps already trained) resumes
+    exactly where a run stopped."""
     data = config.data
     local_batch = parallel.local_batch_size(config.train.batch_size)
-    source = open_split(data, data.source, data.source_split)
+    source = open_split(data, data.source, data.source_split, decode=False)
     source_aug = augment_config(data, data.train_resize)
     if source.task == "classification":
         source_aug = dataclasses.replace(source_aug, crop=None, scale_range=(1.0, 1.0))
     if data.target:
-        target = open_split(data, data.target, data.target_split)
+        target = open_split(data, data.target, data.target_split, decode=False)
         ds = pipeline.paired_stream(
             source.dataset, target.dataset, batch_size=local_batch, seed=seed,
             source_table=source.label_table, source_config=source_aug,
             target_config=augment_config(data, data.target_resize),
             target_table=target.label_table, target_labels=data.target_labels,
             shuffle_buffer=data.shuffle_buffer, source_name=source.description,
-            target_name=target.description)
+            target_name=target.description, source_decode=source.decode,
+            target_decode=target.decode, start_batch=start_step)
     else:
         ds = pipeline.train_stream(
             source.dataset, config=source_aug, batch_size=local_batch, seed=seed,
-            table=source.label_table, shuffle_buffer=data.shuffle_buffer, name=source.description)
+            table=source.label_table, shuffle_buffer=data.shuffle_buffer, name=source.description,
+            decode=source.decode, start_batch=start_step)
         ds = ds.map(lambda b: {"source": b})
     described = source.description + (f" and {target.description}" if data.target else "")
     return pipeline.HostIterator(ds, mesh=mesh, name=f"training data ({described})")

@@ -144,8 +144,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                                    max_to_keep=config.train.keep_checkpoints)
     start_step = ckpt.latest_step() or 0
     total_steps = config.train.steps
-    # A resumed run draws a fresh, still seed-determined data order instead of replaying batches.
-    batches = inputs.train_batches(config, mesh, seed=config.seed + 7919 * start_step)
+    # A resumed run continues the uninterrupted run's data stream at its next batch.
+    batches = inputs.train_batches(config, mesh, seed=config.seed, start_step=start_step)
     batch = next(batches)
     save_config(config, workdir, resuming=start_step > 0,
                 allow_config_change=allow_config_change)

@@ -335,6 +335,19 @@ def test_seeded_determinism():
     assert not np.array_equal(a[0]["source"]["crop_box"], a[0]["target"]["crop_box"])
 
 
+def test_a_stream_started_at_batch_k_is_the_whole_stream_from_k():
+    """What a resumed run relies on: order, shuffles across epochs and augmentation are a pure
+    function of the position, so starting at batch k replays batches k, k+1, ... exactly."""
+    def stream(start):
+        return P.paired_stream(make_ds(5), make_ds(4), batch_size=2, target_batch_size=3, seed=3,
+                               source_table=L.CITYSCAPES_TABLE, source_config=TRAIN_CONFIG,
+                               start_batch=start)
+
+    whole = take(stream(0), 9)  # several epochs of both domains
+    for k in (1, 4, 6):
+        tf.nest.map_structure(np.testing.assert_array_equal, take(stream(k), 9 - k), whole[k:])
+
+
 def test_paired_stream_structure():
     target_config = P.AugmentConfig(crop=(16, 24), normalization="caffe_bgr")
     ds = P.paired_stream(make_ds(4), make_ds(3), batch_size=2, target_batch_size=3, seed=0,
@@ -527,3 +540,25 @@ def test_rendering_a_new_minicity_version_names_the_old_data_beside_it(tmp_path,
     with caplog.at_level(logging.INFO):
         datasets._note_other_versions(str(config_dir / "2.0.0"))
     assert not caplog.records
+
+
+@pytest.mark.parametrize("split", ["real_val", "objects"])
+def test_an_encoded_split_decodes_to_the_decoded_one(tmp_path, split):
+    """Training streams open splits encoded (shuffling and skipping bytes) and decode late; the
+    result must be the eagerly decoded split, example for example."""
+    from synseg_jax.data import datasets  # noqa: PLC0415
+    from synseg_jax.data.builders.minicity import MinicityOptions  # noqa: PLC0415
+
+    counts = {"sim": 1, "sim_topdown": 1, "real_train": 1, "real_val": 3, "objects": 3}
+    options = MinicityOptions.create(scene_size=(32, 64), object_size=16, num_examples=counts,
+                                     workers=1)
+    kwargs = dict(data_dir=str(tmp_path), minicity_options=options)
+    eager = datasets.open_split("minicity", split, **kwargs)
+    lazy = datasets.open_split("minicity", split, decode=False, **kwargs)
+    assert eager.decode is None and lazy.decode is not None
+    assert lazy.dataset.element_spec["image"].dtype == tf.string
+    decoded = list(lazy.dataset.map(lazy.decode).as_numpy_iterator())
+    expected = list(eager.dataset.as_numpy_iterator())
+    assert len(decoded) == len(expected) == 3
+    for a, b in zip(decoded, expected):
+        tf.nest.map_structure(np.testing.assert_array_equal, a, b)

@@ -115,6 +115,27 @@ def test_resume_continues_from_latest_step(data_dir, tmp_path):
         np.testing.assert_array_equal(a, b)  # step 4 was not retrained
 
 
+def test_an_interrupted_run_resumes_bit_identical_to_an_uninterrupted_one(data_dir, tmp_path):
+    """Stopped after its checkpoint at step 6 (as a kill -9 at step 7 or 8 would leave it) and
+    rerun, a run ends with exactly the parameters and scores of the run never stopped: the data
+    stream resumes at its next batch, across an epoch boundary (16 scenes, batch 2)."""
+    common = ["train.checkpoint_every=3", "train.eval_every=12", "train.image_every=0"]
+    whole = str(tmp_path / "whole")
+    scores_whole = train.train_and_evaluate(tiny_config(data_dir, *common, "train.steps=12"),
+                                            whole)
+    split = str(tmp_path / "split")
+    train.train_and_evaluate(tiny_config(data_dir, *common, "train.steps=6"), split)
+    config = tiny_config(data_dir, *common, "train.steps=12")
+    scores_split = train.train_and_evaluate(config, split)
+    restore = lambda w: checkpoint.Checkpointer(  # noqa: E731
+        os.path.join(w, "checkpoints"), read_only=True).restore_role("seg", *_seg_shapes(config))
+    (pa, ca), (pb, cb) = restore(whole), restore(split)
+    for a, b in zip(jax.tree_util.tree_leaves((pa, ca)), jax.tree_util.tree_leaves((pb, cb))):
+        np.testing.assert_array_equal(a, b)
+    for key, scores in scores_whole.items():
+        assert scores.miou_19 == scores_split[key].miou_19
+
+
 def _seg_shapes(config):
     from synseg_jax import inputs, methods
     method = methods.build(config)

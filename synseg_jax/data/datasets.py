@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+from collections.abc import Callable
 import io
 import logging
 import os
@@ -90,6 +91,9 @@ class SplitData:
     label_table: np.ndarray
     task: str
     description: str  # "minicity/real_val in /path", for error messages
+    # Decodes an example of `dataset` when it was opened with decode=False (images still PNG or
+    # JPEG bytes); None when `dataset` is decoded already.
+    decode: Callable[[dict], dict] | None = None
 
 
 # A dataset written by an earlier stage of a run: "derived:<its folder>" (see builders/derived).
@@ -193,15 +197,30 @@ def name_key(builder) -> str | None:
     return next((key for key in ("name", "scene_id") if key in features), None)
 
 
-def _decode(task: str, names_from: str | None):
-    def decode(example):
+def _select(task: str, names_from: str | None, encoded: bool):
+    """The stored example -> {"image", "label"[, "name"]}; with `encoded`, image and label stay
+    bytes and only get their final form in `_decoder`."""
+    def select(example):
         out = {"image": example["image"]}
         if task == "segmentation":
-            out["label"] = example["label"][..., 0]
+            out["label"] = example["label"] if encoded else example["label"][..., 0]
         else:
             out["label"] = tf.cast(example["label"], tf.int32)
         if names_from:
             out["name"] = example[names_from]
+        return out
+    return select
+
+
+def _decoder(builder, task: str) -> Callable[[dict], dict]:
+    """Decodes what `_select(encoded=True)` keeps, with the dataset's own feature decoders."""
+    features = builder.info.features
+
+    def decode(example):
+        out = dict(example)
+        out["image"] = features["image"].decode_example(example["image"])
+        if task == "segmentation":
+            out["label"] = features["label"].decode_example(example["label"])[..., 0]
         return out
     return decode
 
@@ -209,11 +228,13 @@ def _decode(task: str, names_from: str | None):
 def open_split(name: str, split: str, *, data_dir: str | None = None,
                process_index: int = 0, process_count: int = 1,
                minicity_options: minicity_builders.MinicityOptions | None = None,
-               with_names: bool = False) -> SplitData:
+               with_names: bool = False, decode: bool = True) -> SplitData:
     """This process's contiguous share of `name/split`, in stored (deterministic) order.
 
     ``with_names`` keeps each example's stored name (a string "name") beside its image, so a
     consumer that writes files per example never has to join two reads by position.
+    ``decode=False`` leaves images and labels encoded and returns the decoder beside them: a
+    training stream shuffles and skips the small encoded records, and decodes only what it uses.
     """
     check_split(name, split)
     data_dir = data_dir or default_data_dir()
@@ -223,15 +244,18 @@ def open_split(name: str, split: str, *, data_dir: str | None = None,
     if total == 0:
         raise ValueError(f"Split {description} is empty")
     shard = tfds.even_splits(split, n=process_count, drop_remainder=False)[process_index]
-    dataset = builder.as_dataset(split=shard, shuffle_files=False)
     task = spec(name).task(split)
+    skip = {k: tfds.decode.SkipDecoding() for k in ("image", "label")
+            if k == "image" or task == "segmentation"}
+    dataset = builder.as_dataset(split=shard, shuffle_files=False,
+                                 decoders=None if decode else skip)
     names_from = None
     if with_names:
         names_from = name_key(builder)
         if names_from is None:
             raise ValueError(f"{description} stores no example names")
-    dataset = dataset.map(_decode(task, names_from), num_parallel_calls=tf.data.AUTOTUNE,
-                          deterministic=True)
+    dataset = dataset.map(_select(task, names_from, encoded=not decode),
+                          num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return SplitData(
         dataset=dataset,
         num_examples=builder.info.splits[shard].num_examples,
@@ -239,4 +263,5 @@ def open_split(name: str, split: str, *, data_dir: str | None = None,
         label_table=labels.label_table(spec(name).label_table),
         task=task,
         description=description,
+        decode=None if decode else _decoder(builder, task),
     )

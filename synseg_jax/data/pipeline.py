@@ -391,14 +391,18 @@ def _stream_seed(seed: int, stream: int) -> int:
 
 def train_stream(ds: tf.data.Dataset, *, config: AugmentConfig, batch_size: int, seed: int,
                  table: np.ndarray | None = None, keep_label: bool = True, stream: int = 0,
-                 shuffle_buffer: int = 256, name: str = "train") -> tf.data.Dataset:
+                 shuffle_buffer: int = 256, name: str = "train", decode=None,
+                 start_batch: int = 0) -> tf.data.Dataset:
     """Endless batches of augmented, normalised examples from one domain.
 
-    shuffle (seeded, new order each epoch) → repeat → map labels → augment → normalise →
-    batch(``batch_size`` = the LOCAL batch, drop_remainder) → prefetch. Shuffling before the map
-    lets the augmentation seed follow the stream position across epochs, so an image is
-    augmented differently every epoch. ``shuffle_buffer`` holds decoded input images: size it
-    to the memory at hand.
+    shuffle (seeded, new order each epoch) → repeat → number → skip → [decode] → map labels →
+    augment → normalise → batch(``batch_size`` = the LOCAL batch, drop_remainder) → prefetch.
+    Shuffling before the map lets the augmentation seed follow the stream position across
+    epochs, so an image is augmented differently every epoch. The order and every random choice
+    are a pure function of (seed, stream, position): ``start_batch=k`` yields exactly the batches
+    k, k+1, ... of the stream that starts at 0, which is how a resumed run continues where it
+    stopped. With ``decode`` (`datasets.SplitData.decode`), ``ds`` holds encoded images: the
+    shuffle buffer and the skipped positions then cost encoded bytes, not pixels.
     Fields: ``image`` float32 [B, h, w, 3], ``crop_box`` float32 [B, 4], and with
     ``keep_label``: ``label`` uint8 [B, h, w], ``unknown_label_pixels`` int32 [B].
     """
@@ -414,8 +418,12 @@ def train_stream(ds: tf.data.Dataset, *, config: AugmentConfig, batch_size: int,
         ds = ds.shuffle(shuffle_buffer, seed=_stream_seed(seed, stream),
                         reshuffle_each_iteration=True)
     ds = ds.repeat().enumerate()
+    if start_batch:
+        ds = ds.skip(start_batch * batch_size)
 
     def process(index, example):
+        if decode is not None:
+            example = decode(example)
         return preprocess_train_example(index, example, table=table, config=config, seed=seed,
                                         stream=stream, keep_label=keep_label)
 
@@ -428,20 +436,25 @@ def paired_stream(source: tf.data.Dataset, target: tf.data.Dataset, *, batch_siz
                   target_config: AugmentConfig | None = None,
                   target_table: np.ndarray | None = None, target_labels: bool = False,
                   target_batch_size: int | None = None, shuffle_buffer: int = 256,
-                  source_name: str = "source", target_name: str = "target") -> tf.data.Dataset:
+                  source_name: str = "source", target_name: str = "target",
+                  source_decode=None, target_decode=None,
+                  start_batch: int = 0) -> tf.data.Dataset:
     """Zip a labelled source stream and a target stream into ``{"source": ..., "target": ...}``.
 
     The target carries ``label`` (and ``unknown_label_pixels``) only with ``target_labels``
     (oracle runs, evaluation); otherwise its labels are dropped before any work is spent on them.
-    The two domains draw independent randomness from the same ``seed``.
+    The two domains draw independent randomness from the same ``seed``; ``start_batch`` and the
+    decoders are those of `train_stream`.
     """
     src = train_stream(source, config=source_config, batch_size=batch_size, seed=seed,
                        table=source_table, keep_label=True, stream=0,
-                       shuffle_buffer=shuffle_buffer, name=source_name)
+                       shuffle_buffer=shuffle_buffer, name=source_name, decode=source_decode,
+                       start_batch=start_batch)
     tgt = train_stream(target, config=target_config or source_config,
                        batch_size=target_batch_size or batch_size, seed=seed,
                        table=target_table, keep_label=target_labels, stream=1,
-                       shuffle_buffer=shuffle_buffer, name=target_name)
+                       shuffle_buffer=shuffle_buffer, name=target_name, decode=target_decode,
+                       start_batch=start_batch)
     return tf.data.Dataset.zip(src, tgt).map(lambda s, t: {"source": s, "target": t})
 
 
