@@ -7,13 +7,13 @@ DeepLabV2-ResNet101 step (our own module) at the same size, side by side.
     python benchmarks/model_step.py --models=deeplabv2_r101,torch_deeplabv2_r101 --size=321x321
     python benchmarks/model_step.py --compile-only                    # memory only, no steps
 
-Training sizes (``MODELS``; REFERENCE.md "Optimisation defaults" and the papers' code):
+Training sizes (``MODELS``; the papers and their code):
     deeplabv2_r101          720x1280, batch 1   AdaptSegNet: GTA5 source images at 1280x720,
                                                 batch 1 (its Cityscapes target side is 1024x512)
     deeplabv2_r50_tsg       640x640,  batch 1   TSG/SSI generalisation: ResNet-50, 640x640 crops
     deeplab_largefov_vgg16  321x321,  batch 10  ROAD: 5 source + 5 target patches of 321x321
     pspnet_r101             321x321,  batch 10  ROAD (its PSPNet-R101 variant)
-    fcn8s_vgg16             512x1024, batch 1   semantic translation paper: REFERENCE.md gives no
+    fcn8s_vgg16             512x1024, batch 1   semantic translation paper: the paper gives no
                                                 size; assumed Cityscapes' 1024x512 at batch 1
     bisenet_stdc813         512x1024, batch 8   real-time DA: 1024x512 (Cityscapes size), batch 8
     torch_deeplabv2_r101    = deeplabv2_r101    PyTorch CPU, our own Caffe-style ResNet-101 + ASPP
@@ -65,7 +65,7 @@ MODELS = {
                                         "ROAD 5+5 patches 321x321"),
     "pspnet_r101": ModelSpec("pspnet_r101", {}, (321, 321), 10, "ROAD 5+5 patches 321x321"),
     "fcn8s_vgg16": ModelSpec("fcn8s_vgg16", {}, (512, 1024), 1,
-                             "assumed 1024x512, batch 1 (no size in REFERENCE.md)"),
+                             "assumed 1024x512, batch 1 (the paper gives no size)"),
     "bisenet_stdc813": ModelSpec("bisenet_stdc813", {}, (512, 1024), 8,
                                  "real-time DA 1024x512, batch 8"),
     "torch_deeplabv2_r101": ModelSpec("deeplabv2", {}, (720, 1280), 1,

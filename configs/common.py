@@ -41,7 +41,7 @@ def base_config() -> ml_collections.ConfigDict:
     d.scale_range = (1.0, 1.0)  # random rescale factor range before cropping
     d.flip = True  # random horizontal flip, p = 0.5
     d.jitter_prob = 0.0  # probability of each of contrast / saturation / brightness jitter
-    d.normalization = "caffe_bgr"  # DeepLab lineage: BGR 0..255 minus mean (REFERENCE.md)
+    d.normalization = "caffe_bgr"  # DeepLab lineage: BGR 0..255 minus mean (docs/reference.md)
     d.eval_size = (512, 1024)  # inference size; logits upsampled to the full label size
     d.eval_batch_size = 1
     d.shuffle_buffer = 1000  # encoded examples (training streams decode after shuffling)
@@ -68,7 +68,7 @@ def base_config() -> ml_collections.ConfigDict:
     mo.style = ""
     mo.output_stride = 8  # DeepLabV2: layer3 dilation 2, layer4 dilation 4
     mo.aspp_rates = (6, 12, 18, 24)  # DeepLabV2 ASPP
-    mo.aspp_two_branch = False  # AdaptSegNet code's rates (6, 12) only (REFERENCE.md)
+    mo.aspp_two_branch = False  # AdaptSegNet code's rates (6, 12) only: its ASPP returns after two branches
     mo.multi_level = False  # second ASPP on layer3 (AdaptSegNet multi-level)
     mo.bn_mode = "frozen"  # "frozen": running statistics; "train": batch statistics
     mo.bn_update = "source"  # with bn_mode="train": which domains update running stats

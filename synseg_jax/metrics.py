@@ -1,6 +1,6 @@
 """Segmentation scores: a confusion matrix computed on device, IoU tables computed on the host.
 
-The evaluation protocol (REFERENCE.md) is one confusion matrix over the whole split, then
+The evaluation protocol (docs/reference.md) is one confusion matrix over the whole split, then
 IoU = TP / (TP + FP + FN) per class and mIoU = the nan-mean over a class subset. Per-image mIoUs are
 never averaged: that would weight small images and rare classes differently from the papers.
 

@@ -1,7 +1,7 @@
 """Prediction export: labelId PNGs named for the official evaluator, and our mIoU equals its mIoU.
 
 cityscapesscripts (PyPI) is the official Cityscapes evaluator; with numpy >= 2.4 its
-instance-level score calls the removed ``np.in1d``, so it is switched off (REFERENCE.md).
+instance-level score calls the removed ``np.in1d``, so it is switched off (docs/reference.md).
 """
 
 import os

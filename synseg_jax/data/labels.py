@@ -30,7 +30,7 @@ PALETTE = np.array([
 ], dtype=np.uint8)
 IGNORE_COLOUR = (0, 0, 0)
 
-# SYNTHIA protocols (REFERENCE.md): terrain, truck and train never occur in SYNTHIA.
+# SYNTHIA protocols (docs/reference.md): terrain, truck and train never occur in SYNTHIA.
 CLASSES_16: tuple[int, ...] = (0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 11, 12, 13, 15, 17, 18)
 CLASSES_13: tuple[int, ...] = (0, 1, 2, 6, 7, 8, 10, 11, 12, 13, 15, 17, 18)
 CLASS_SUBSETS: dict[str, tuple[int, ...]] = {

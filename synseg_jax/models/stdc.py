@@ -1,7 +1,7 @@
 """STDC backbones (NHWC): Short-Term Dense Concatenate networks (Fan et al., "Rethinking BiSeNet for
 real-time semantic segmentation", CVPR 2021), the encoder of BiSeNet-STDC.
 
-Structure (REFERENCE.md "Networks"; Fig. 3 and Table 1 of the paper)::
+Structure (Fig. 3 and Table 1 of the paper, and the STDC-Seg code)::
 
     convx1        ConvX 3×3/2 → 32         (ConvX = conv without bias + BN + ReLU)   stride 2
     convx2        ConvX 3×3/2 → 64                                                    stride 4
