@@ -68,7 +68,8 @@ def base_config() -> ml_collections.ConfigDict:
     mo.style = ""
     mo.output_stride = 8  # DeepLabV2: layer3 dilation 2, layer4 dilation 4
     mo.aspp_rates = (6, 12, 18, 24)  # DeepLabV2 ASPP
-    mo.aspp_two_branch = False  # AdaptSegNet code's rates (6, 12) only: its ASPP returns after two branches
+    # True: the AdaptSegNet code's ASPP, which returns after its first two branches (6, 12)
+    mo.aspp_two_branch = False
     mo.multi_level = False  # second ASPP on layer3 (AdaptSegNet multi-level)
     mo.bn_mode = "frozen"  # "frozen": running statistics; "train": batch statistics
     mo.bn_update = "source"  # with bn_mode="train": which domains update running stats

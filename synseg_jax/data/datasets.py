@@ -66,7 +66,8 @@ DATASETS: dict[str, DatasetSpec] = {
     "minicity": DatasetSpec(
         splits=("sim", "sim_topdown", "real_train", "real_val", "objects"),
         label_table="train_id", classification_splits=("objects",)),
-    # Real datasets: raw ids as in the official downloads (docs/reference.md), mapped by the pipeline.
+    # Real datasets: raw ids as in the official downloads (docs/reference.md), mapped by the
+    # pipeline.
     "gta5": DatasetSpec(splits=("train",), label_table="gta5"),
     "synthia": DatasetSpec(splits=("train",), label_table="synthia"),
     "cityscapes": DatasetSpec(splits=("train", "validation"), label_table="cityscapes"),

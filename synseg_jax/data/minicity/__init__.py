@@ -30,7 +30,8 @@ from synseg_jax.data.minicity.examples import (  # noqa: F401
     example_rng, gap_suffix, main, preview, render_example, render_labels, scene_layout)
 from synseg_jax.data.minicity.gap import FULL, KNOBS, Gap  # noqa: F401
 from synseg_jax.data.minicity.geometry import Camera, Layout, Road  # noqa: F401
-from synseg_jax.data.minicity.layout import DOMAINS, DomainParams, domain_params, sample_layout  # noqa: F401
+from synseg_jax.data.minicity.layout import (  # noqa: F401
+    DOMAINS, DomainParams, domain_params, sample_layout)
 from synseg_jax.data.minicity.materials import (  # noqa: F401  (class ids)
     BICYCLE, BUILDING, BUS, CAR, FENCE, LIGHT, MOTORCYCLE, PERSON, POLE, RIDER, ROAD, SIDEWALK,
     SIGN, SKY, TERRAIN, TRAIN, TRUCK, VEGETATION, WALL)

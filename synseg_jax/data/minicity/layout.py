@@ -84,9 +84,9 @@ DOMAIN_PARAMS: dict[str, DomainParams] = {
 # The fields each layout knob of gap.py owns; with the knob off, real takes sim's values.
 KNOB_FIELDS: dict[str, tuple[str, ...]] = {
     "camera": ("cam_height", "horizon", "road_half_width", "max_curvature", "building_height"),
-    "frequencies": ("cars", "persons", "poles", "trees", "p_truck", "p_bus", "p_train", "motorcycles",
-                    "bicycles", "p_rider", "p_light", "p_sign", "p_mast", "p_building", "p_wall",
-                    "p_fence", "p_verge"),
+    "frequencies": ("cars", "persons", "poles", "trees", "p_truck", "p_bus", "p_train",
+                    "motorcycles", "bicycles", "p_rider", "p_light", "p_sign", "p_mast",
+                    "p_building", "p_wall", "p_fence", "p_verge"),
 }
 DOMAINS: tuple[str, ...] = tuple(DOMAIN_PARAMS)
 
