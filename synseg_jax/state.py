@@ -13,6 +13,7 @@ from typing import Any
 
 import flax
 import jax
+import jax.numpy as jnp
 
 
 @flax.struct.dataclass
@@ -35,5 +36,20 @@ class TrainState:
     def step_rng(self, name: str = "") -> jax.Array:
         """A fresh key per step (and per use name), so no key is ever reused."""
         rng = jax.random.fold_in(self.rng, self.step)
-        # crc32, not hash(): str hashes change between processes and would break reproducibility.
-        return jax.random.fold_in(rng, zlib.crc32(name.encode()) % (2**31)) if name else rng
+        return _named(rng, name) if name else rng
+
+
+def _named(rng: jax.Array, name: str) -> jax.Array:
+    # crc32, not hash(): str hashes change between processes and would break reproducibility.
+    return jax.random.fold_in(rng, zlib.crc32(name.encode()) % (2**31))
+
+
+def init_key(run_rng: jax.Array, role: str) -> jax.Array:
+    """The key that initialises `role`: a stream of its own, apart from every other role's and
+    from the training loop's (`new_state`), so no key serves two purposes."""
+    return _named(run_rng, "init/" + role)
+
+
+def new_state(run_rng: jax.Array, roles: dict[str, RoleState]) -> TrainState:
+    """Step 0 of a run: the roles, and the loop's own key derived from the run's key."""
+    return TrainState(step=jnp.zeros((), jnp.int32), rng=_named(run_rng, "loop"), roles=roles)

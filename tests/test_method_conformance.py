@@ -11,6 +11,7 @@ import pytest
 
 from configs import pretrain, road, source_only
 from synseg_jax import checkpoint, inputs, methods
+from synseg_jax import state as state_lib
 from synseg_jax.methods import base
 from tests.tiny import TINY_DATA_AND_MODEL
 
@@ -47,8 +48,14 @@ def test_method_protocol(name, tmp_path):
     config = module.get_config(",".join(["demo", *TINY, *extra]))
     method = methods.build(config)
     batch = fake_batch(config, np.random.default_rng(0))
-    state = jax.jit(method.init)(jax.random.PRNGKey(0), batch, None)
+    run_key = jax.random.PRNGKey(0)
+    state = jax.jit(method.init)(run_key, batch, None)
     assert set(state.roles) == set(method.roles)
+    # The loop's key is derived apart from the run key and from every role's init key.
+    assert np.array_equal(state.rng, state_lib.new_state(run_key, {}).rng)
+    used = [np.asarray(run_key)] + [np.asarray(state_lib.init_key(run_key, r)) for r in state.roles]
+    assert not any(np.array_equal(state.step_rng(), k) or np.array_equal(state.rng, k)
+                   for k in used)
 
     new_state, metrics = jax.jit(method.train_step)(state, batch)
     assert int(new_state.step) == 1

@@ -9,7 +9,7 @@ import optax
 
 from synseg_jax.methods import base
 from synseg_jax.models import segmenters
-from synseg_jax.state import TrainState
+from synseg_jax.state import TrainState, init_key, new_state
 
 
 class Classifier:
@@ -25,8 +25,9 @@ class Classifier:
 
     def init(self, rng, batch, pretrained=None) -> TrainState:
         del pretrained  # pretraining starts from scratch
-        seg = base.init_role(self.model, rng, batch["source"]["image"], self.seg_opt.tx)
-        return TrainState(step=jnp.zeros((), jnp.int32), rng=rng, roles={"seg": seg})
+        seg = base.init_role(self.model, init_key(rng, "seg"), batch["source"]["image"],
+                             self.seg_opt.tx)
+        return new_state(rng, {"seg": seg})
 
     def train_step(self, state: TrainState, batch):
         seg = state.roles["seg"]

@@ -35,7 +35,7 @@ import optax
 from synseg_jax import images, losses
 from synseg_jax.methods import base
 from synseg_jax.models import layers, segmenters
-from synseg_jax.state import RoleState, TrainState
+from synseg_jax.state import RoleState, TrainState, init_key, new_state
 
 SOURCE_DOMAIN, TARGET_DOMAIN = 0, 1  # domain labels of Sec. 3.2 (0 source, 1 target)
 BACKBONE_SCOPE = "backbone"  # where every segmenter keeps its pretrained feature extractor
@@ -164,7 +164,7 @@ class Road:
 
     def init(self, rng, batch, pretrained=None) -> TrainState:
         sample = batch["source"]["image"]
-        seg = self.seg.init_role(rng, sample, pretrained)
+        seg = self.seg.init_role(init_key(rng, "seg"), sample, pretrained)
         roles = {"seg": seg}
         features = jax.eval_shape(
             lambda p: self.model.apply({"params": p, **seg.collections}, sample, train=False),
@@ -185,11 +185,11 @@ class Road:
                 opt_state=None)
         if self.spt:
             channels = features[self.spt_layer].shape[-1]
-            disc_rng = jax.random.fold_in(rng, 1)
-            params = self.disc.init(disc_rng, jnp.zeros((1, 1, 1, channels), jnp.float32))["params"]
+            params = self.disc.init(init_key(rng, "disc"),
+                                    jnp.zeros((1, 1, 1, channels), jnp.float32))["params"]
             roles["disc"] = RoleState(params=params, collections={},
                                       opt_state=self.disc_opt.tx.init(params))
-        return TrainState(step=jnp.zeros((), jnp.int32), rng=rng, roles=roles)
+        return new_state(rng, roles)
 
     # --- losses -----------------------------------------------------------------------------
 

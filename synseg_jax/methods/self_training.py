@@ -6,11 +6,10 @@ train so, both with weight 1."""
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 
 from synseg_jax.methods import base
-from synseg_jax.state import TrainState
+from synseg_jax.state import TrainState, init_key, new_state
 
 
 class SelfTraining:
@@ -25,8 +24,8 @@ class SelfTraining:
         self.lambda_pseudo = config.method.lambda_pseudo
 
     def init(self, rng, batch, pretrained=None) -> TrainState:
-        role = self.seg.init_role(rng, batch["source"]["image"], pretrained)
-        return TrainState(step=jnp.zeros((), jnp.int32), rng=rng, roles={"seg": role})
+        role = self.seg.init_role(init_key(rng, "seg"), batch["source"]["image"], pretrained)
+        return new_state(rng, {"seg": role})
 
     def train_step(self, state: TrainState, batch):
         seg = state.roles["seg"]

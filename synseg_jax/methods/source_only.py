@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 
 from synseg_jax.methods import base
-from synseg_jax.state import TrainState
+from synseg_jax.state import TrainState, init_key, new_state
 
 
 class SourceOnly:
@@ -18,8 +17,8 @@ class SourceOnly:
         self.model = self.seg.model
 
     def init(self, rng, batch, pretrained=None) -> TrainState:
-        role = self.seg.init_role(rng, batch["source"]["image"], pretrained)
-        return TrainState(step=jnp.zeros((), jnp.int32), rng=rng, roles={"seg": role})
+        role = self.seg.init_role(init_key(rng, "seg"), batch["source"]["image"], pretrained)
+        return new_state(rng, {"seg": role})
 
     def train_step(self, state: TrainState, batch):
         role = state.roles["seg"]
