@@ -124,8 +124,9 @@ def report(records: list[dict], timings: list[str]) -> str:
         notes.append(f"oracle classes above 1% IoU: {len(means) - len(low)} of {len(means)}"
                      + (f" (not: {', '.join(low)})" if low else ""))
     columns = {ROWS[row][0]: rs for row, rs in grouped.items()}
+    made_by = sorted({r.get("provenance", "") for r in records} - {""}) or [runs.provenance()]
     return ("minicity calibration (configs/source_only.py:demo; mIoU over 19 classes, last step)\n"
-            f"{runs.provenance()}\n\n" + "\n".join(lines) + "\n\n"
+            + "".join(f"runs made with: {p}\n" for p in made_by) + "\n" + "\n".join(lines) + "\n\n"
             + "".join(f"- {n}\n" for n in timings + notes)
             + "\nPer-class IoU (%) on real_val, mean over seeds:\n\n"
             + runs.per_class_table(columns) + "\n")

@@ -30,7 +30,8 @@ def run_once(config, workdir: str, record: dict) -> dict:
         config = recipe.ensure_pretrained(config, workdir)
         start = time.time()
         train.train_and_evaluate(config, workdir)
-        record = {**record, "steps": config.train.steps, "wall_s": time.time() - start}
+        record = {**record, "steps": config.train.steps, "wall_s": time.time() - start,
+                  "provenance": provenance()}
         with open(result_path, "w") as f:
             json.dump(record, f, indent=2)
     with open(result_path) as f:

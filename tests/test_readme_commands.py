@@ -18,6 +18,8 @@ import sys
 
 import pytest
 
+from synseg_jax.data import minicity
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The demo preset's step counts, shortened: 2 training steps after a 1-step pretraining.
 SHORT_STEPS = "demo,train.steps=2,pretrain.overrides=train.steps=1"
@@ -105,7 +107,8 @@ def _run_readme(cwd: str, data_dir: str, config_dir: str | None) -> None:
     _run(shorten(commands["predict"], config_dir), cwd, data_dir)
     out = [a.split("=", 1)[1] for a in shlex.split(commands["predict"]) if a.startswith("--out=")]
     written = os.listdir(os.path.join(cwd, out[0]))
-    assert len(written) == 300 and all(n.endswith("_pred_labelIds.png") for n in written)
+    real_val = minicity.DEFAULT_NUM_EXAMPLES["real_val"]
+    assert len(written) == real_val and all(n.endswith("_pred_labelIds.png") for n in written)
 
 
 def test_readme_commands_from_the_repository_root(tmp_path, demo_data_dir):
