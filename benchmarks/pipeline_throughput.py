@@ -35,6 +35,9 @@ class Source:
     train: pipeline.AugmentConfig
     eval_size: tuple[int, int]
     table: np.ndarray = dataclasses.field(default_factory=lambda: labels.CITYSCAPES_TABLE)
+    # For an encoded dataset (datasets.open_split(decode=False)): the training stream decodes
+    # after shuffling, as training does; evaluation reads it decoded.
+    decode: Callable[[dict], dict] | None = None
 
 
 def synthetic_pair(rng: np.random.Generator, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
@@ -83,11 +86,12 @@ def png_source(num_images: int, directory: str, seed: int = 0) -> Source:
 
 
 def minicity_source(num_images: int, split: str = "real_train") -> Source:
-    """minicity as the demo trains on it: TFDS shards in the default data dir (built if missing)."""
-    opened = datasets.open_split("minicity", split)
-    train = pipeline.AugmentConfig(resize=(128, 256), scale_range=(0.75, 1.25), crop=(64, 128))
+    """minicity as the demo trains on it: TFDS shards in the default data dir (built if missing),
+    read encoded and decoded after the shuffle."""
+    opened = datasets.open_split("minicity", split, decode=False)
+    train = pipeline.AugmentConfig(resize=(128, 256), scale_range=(0.75, 1.25), crop=(96, 192))
     return Source(opened.dataset.take(num_images), f"minicity {split} 128x256 (TFDS)", train,
-                  eval_size=(128, 256), table=opened.label_table)
+                  eval_size=(128, 256), table=opened.label_table, decode=opened.decode)
 
 
 SOURCES: dict[str, Callable[[int, str], Source]] = {
@@ -115,10 +119,11 @@ def images_per_second(batches, batch_size: int, warmup: int, steps: int | None) 
 def benchmark(source: Source, batch_size: int, steps: int) -> dict[str, float]:
     table = source.table
     train = pipeline.train_stream(source.dataset, config=source.train, batch_size=batch_size,
-                                  seed=0, table=table, shuffle_buffer=64)
+                                  seed=0, table=table, shuffle_buffer=64, decode=source.decode)
     results = {"train": images_per_second(pipeline.HostIterator(train), batch_size, 2, steps)}
     # The eval stream is finite: time one full pass (a second pass re-reads the source).
-    evaluation = pipeline.eval_stream(source.dataset, batch_size=batch_size, table=table,
+    decoded = source.dataset.map(source.decode) if source.decode else source.dataset
+    evaluation = pipeline.eval_stream(decoded, batch_size=batch_size, table=table,
                                       image_size=source.eval_size,
                                       normalization=source.train.normalization)
     results["eval"] = images_per_second(pipeline.HostIterator(evaluation), batch_size, 1, None)
