@@ -24,7 +24,7 @@ import statistics
 import time
 
 import runs
-from runs import HELD_OUT, REAL
+from runs import REAL
 from synseg_jax import recipe
 from synseg_jax.data import minicity
 from synseg_jax.inputs import minicity_options
@@ -104,13 +104,7 @@ def report(records: list[dict], timings: list[str]) -> str:
              "held-out sim mIoU-19 | wall time / run |", "|---|---|---|---:|---:|---|---:|---:|"]
     for row, rs in grouped.items():
         desc, trained_on, _ = ROWS[row]
-        real = [r["scores"][REAL]["miou"] for r in rs]
-        sim = [r["scores"][HELD_OUT]["miou"] for r in rs if HELD_OUT in r["scores"]]
-        lines.append(
-            f"| {desc} | {trained_on} | {','.join(str(r['seed']) for r in rs)} | {rs[0]['steps']} "
-            f"| {runs.mean_std(real)} | {' / '.join(f'{m:.2f}' for m in real)} | "
-            f"{runs.mean_std(sim) if sim else '-'} | "
-            f"{statistics.mean(r['wall_s'] for r in rs):.0f} s |")
+        lines.append(f"| {desc} | {trained_on} | {runs.score_cells(rs)} |")
     notes = []
     if "source_only" in grouped and "oracle" in grouped:
         so = statistics.mean(r["scores"][REAL]["miou"] for r in grouped["source_only"])

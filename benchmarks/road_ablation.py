@@ -20,10 +20,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 
 import runs
-from runs import HELD_OUT, REAL
 from synseg_jax import recipe
 CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                       "configs", "road.py")
@@ -79,13 +77,8 @@ def table(records: list[dict]) -> str:
              "|---|---|---|---|---|---|---|---|---|---|"]
     for row, rs in runs.by_row(records).items():
         desc, dist, spt, grid, _ = ROWS[row]
-        real = [r["scores"][REAL]["miou"] for r in rs]
-        sim = [r["scores"][HELD_OUT]["miou"] for r in rs if HELD_OUT in r["scores"]]
-        lines.append(
-            f"| {desc} | {dist or '-'} | {spt or '-'} | {grid or '-'} | "
-            f"{','.join(str(r['seed']) for r in rs)} | {rs[0]['steps']} | {runs.mean_std(real)} | "
-            f"{' / '.join(f'{m:.2f}' for m in real)} | {runs.mean_std(sim) if sim else '-'} | "
-            f"{statistics.mean(r['wall_s'] for r in rs):.0f} s |")
+        lines.append(f"| {desc} | {dist or '-'} | {spt or '-'} | {grid or '-'} | "
+                     f"{runs.score_cells(rs)} |")
     return "\n".join(lines)
 
 

@@ -61,6 +61,16 @@ def mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.2f} ± {std:.2f}"
 
 
+def score_cells(rs: list[dict]) -> str:
+    """The table cells every benchmark row shares, for the records (seeds) of one row: seeds |
+    steps | real_val mean ± std | per seed | held-out sim mean ± std | mean wall time."""
+    real = [r["scores"][REAL]["miou"] for r in rs]
+    sim = [r["scores"][HELD_OUT]["miou"] for r in rs if HELD_OUT in r["scores"]]
+    return (f"{','.join(str(r['seed']) for r in rs)} | {rs[0]['steps']} | {mean_std(real)} | "
+            f"{' / '.join(f'{m:.2f}' for m in real)} | {mean_std(sim) if sim else '-'} | "
+            f"{statistics.mean(r['wall_s'] for r in rs):.0f} s")
+
+
 def by_row(records: list[dict]) -> dict[str, list[dict]]:
     rows: dict[str, list[dict]] = {}
     for r in records:
