@@ -9,7 +9,7 @@ source distillation, target-guided distillation; all without spt, as in Fig. 4),
 adaptation alone on 1x1 / 2x1 / 2x2 / 3x3 regions (Fig. 6), and full ROAD (Table 1). Every row is
 `configs/road.py:demo` plus method keys, trained by `synseg_jax.recipe` (the code path of
 `python -m synseg_jax.main`), so all rows share data, seeds and the demo-pretrained backbone (made
-once per seed, before any timing starts). Wall time is the training + evaluation of one run.
+once for all rows and seeds, before any timing starts). Wall time is the training + evaluation of one run.
 
 Each finished run leaves `result.json` in its workdir and is skipped when the command is run
 again. Prints the markdown table and writes it to <workdir>/road_ablation.md. The full table takes

@@ -28,10 +28,11 @@ def run_once(config, workdir: str, record: dict) -> dict:
     result_path = os.path.join(workdir, "result.json")
     if not os.path.exists(result_path):
         config = recipe.ensure_pretrained(config, workdir)
+        made_by = provenance()  # the code that starts the run, not what HEAD is when it ends
         start = time.time()
         train.train_and_evaluate(config, workdir)
         record = {**record, "steps": config.train.steps, "wall_s": time.time() - start,
-                  "provenance": provenance()}
+                  "provenance": made_by}
         with open(result_path, "w") as f:
             json.dump(record, f, indent=2)
     with open(result_path) as f:

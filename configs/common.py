@@ -22,7 +22,7 @@ PRESETS = ("demo", "gta5", "synthia")
 
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.seed = 0  # seeds parameter init, data order and augmentation
+    c.seed = 0  # seeds the init of networks not loaded from init.*, data order, augmentation
     c.preset = "demo"  # set by finalize(); recorded in config.json
 
     c.data = d = ml_collections.ConfigDict()
@@ -73,8 +73,10 @@ def base_config() -> ml_collections.ConfigDict:
     mo.multi_level = False  # second ASPP on layer3 (AdaptSegNet multi-level)
     mo.bn_mode = "frozen"  # "frozen": running statistics; "train": batch statistics
     mo.bn_update = "source"  # with bn_mode="train": which domains update running stats
-    mo.init_weights = ""  # path of imported ImageNet params ("demo": minicity-objects pretraining)
-    mo.init_scope = "backbone"  # which subtree init_weights provides ("": the whole segmenter)
+
+    # Initial weights per role (init.seg, init.teacher, ...; see init_section). The segmenter
+    # starts from imported ImageNet weights of its backbone (synseg_jax.import_weights).
+    c.init = ml_collections.ConfigDict({"seg": init_section(scope="backbone")})
 
     # One section per optimised role (optim.seg, optim.disc, ...), each with its own optax state.
     c.optim = ml_collections.ConfigDict({"seg": optimizer_section()})
@@ -112,9 +114,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.stage_order = ()
 
     c.pretrain = p = ml_collections.ConfigDict()
-    # demo: the config that makes init_weights when it is missing (this folder's pretrain.py)
+    # demo: the config that makes init.<role>.path="demo" when it is missing (this folder's pretrain.py)
     p.config = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pretrain.py")
     p.workdir = ""  # "" -> <workdir>/../pretrain_<backbone key>
+    # The demo backbone stands in for ImageNet weights, which every run of a paper starts from
+    # whatever its seed: one pretraining per benchmark, shared by all seeds of every method.
+    p.seed = 0
     p.overrides = ""  # extra "key=value,..." for the pretraining config (e.g. train.steps=100)
     return c
 
@@ -139,6 +144,14 @@ def optimizer_section(**fields) -> ml_collections.ConfigDict:
             raise KeyError(f"Unknown optimiser field {key!r}; fields: {sorted(o.keys())}")
         o[key] = value
     return o
+
+
+def init_section(path: str = "", scope: str = "") -> ml_collections.ConfigDict:
+    """One role's initial weights: `path` of a variables tree (written by synseg_jax.import_weights
+    or by an earlier stage; "demo" = the demo's minicity-objects pretraining, made when missing;
+    "" = random init), and `scope`, the subtree of the role's params it replaces ("backbone";
+    "" = the whole network)."""
+    return ml_collections.ConfigDict({"path": path, "scope": scope})
 
 
 def train_stage(overrides: str = "", init_from: str = "",
@@ -179,7 +192,7 @@ def _demo(c: ml_collections.ConfigDict) -> None:
     mo.stage_sizes = (1, 1, 1, 1)
     mo.width = 0.25
     mo.style = "caffe"  # the demo's own pretraining; DeepLabV2's style
-    mo.init_weights = "demo"
+    c.init.seg.path = "demo"
     c.optim.seg.lr = 1e-2  # small nets from a small pretraining take a larger step than 2.5e-4
     c.optim.seg.schedule_steps = 1500
     t = c.train

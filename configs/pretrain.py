@@ -1,6 +1,6 @@
 """Demo backbone pretraining: classify minicity `objects` crops (the demo's stand-in for ImageNet).
 
-Demo configs with `model.init_weights="demo"` run this automatically when its output is missing,
+Demo configs with `init.seg.path="demo"` run this automatically when its output is missing,
 with the model fields (depth, stage sizes, width, style, normalisation) of the config that needs
 it. The real presets start from imported ImageNet weights instead (synseg_jax.import_weights).
 """
@@ -13,7 +13,7 @@ def get_config(arg: str | None = None):
     config.method.name = "classifier"
     config.model.bn_mode = "train"  # a classifier trained from scratch learns its BN statistics
     config.model.output_stride = 32
-    config.model.init_weights = ""
+    config.init.seg.path = ""
     config.optim.seg.lr = 0.1  # ResNet ImageNet recipe (He et al.), scaled down with the batch below
     config.optim.seg.weight_decay = 1e-4  # ResNet ImageNet recipe
     config.optim.seg.head_lr_mult = 1.0
@@ -29,7 +29,7 @@ def _objects(config):
     d.train_resize = ()  # crops are stored at their training size
     d.crop = ()
     d.scale_range = (1.0, 1.0)
-    config.model.init_weights = ""
+    config.init.seg.path = ""
     config.model.output_stride = 32
     config.optim.seg.lr = 0.05
     config.optim.seg.schedule_steps = 1200

@@ -26,6 +26,9 @@ def get_config(arg: str | None = None):
     m.dist_domain = "target"  # real images are distilled (Sec. 3.1); "source" is Sec. 4.3's "sd"
     m.dist_layer = ""  # paper silent on the layer: the backbone's last map (VGG: pool5, see road.py)
     m.lambda_dist = 0.1  # lambda_1 (Sec. 3.3)
+    # The teacher is the segmenter's initial (pretrained) backbone (Sec. 3.1); a path here
+    # distils to another file's backbone instead (its whole tree: scope "").
+    config.init.teacher = common.init_section()
     m.spt = True  # spatial-aware adaptation on (Sec. 3.2; Table 1 "spt")
     m.spt_layer = ""  # "pixel-level features": those the segmentation classifier sees
     m.grid = (3, 3)  # 3x3 regions (Sec. 4.4, Fig. 6: best of 1x1, 2x1, 2x2, 3x3)
@@ -52,7 +55,7 @@ def _paper(config):
     mo = config.model
     mo.name = "deeplab_largefov_vgg16"  # DeepLab with a VGG-16 backbone (Sec. 4.2, Table 2);
     # PSPNet-ResNet101 (Table 1 bottom): `road.py:gta5,model.name=pspnet_r101`.
-    mo.init_weights = ""  # ImageNet weights (Sec. 4.1): bring them with synseg_jax.import_weights
+    config.init.seg.path = ""  # ImageNet weights (Sec. 4.1): bring them with synseg_jax.import_weights
     d = config.data
     d.crop = (321, 321)  # 321x321 patches (Sec. 4.1); the resize before cropping: common's
     d.normalization = "caffe_bgr"  # DeepLab lineage ("Similar with [1]", Sec. 4.1)

@@ -124,7 +124,7 @@ def load_variables(path: str) -> Any:
     """Reads a tree written by `save_variables` (or by the weight importer) as numpy arrays."""
     path = os.path.abspath(path)
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"No variables checkpoint at {path} (model.init_weights)")
+        raise FileNotFoundError(f"No variables checkpoint at {path} (a config's init.<role>.path)")
     with ocp.PyTreeCheckpointer() as reader:
         metadata = reader.metadata(path).item_metadata.tree
         target = jax.tree_util.tree_map(

@@ -78,7 +78,7 @@ def restore_seg(config, workdir: str, step: int | None = None) -> tuple[dict, di
     role = base.eval_role_of(method)
     if role is None:
         raise ValueError(f"Method {config.method.name!r} has no segmenter to evaluate")
-    abstract = jax.eval_shape(method.init, jax.random.PRNGKey(0), inputs.abstract_batch(config))
+    abstract = jax.eval_shape(method.init, jax.random.PRNGKey(0), inputs.abstract_batch(config), {})
     seg = abstract.roles[role]
     ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
     return ckpt.restore_role(role, seg.params, seg.collections, step)

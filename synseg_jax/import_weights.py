@@ -1,4 +1,4 @@
-"""Convert published ImageNet checkpoints into Flax variables that ``model.init_weights`` loads.
+"""Convert published ImageNet checkpoints into Flax variables that config ``init.seg`` loads.
 
     python -m synseg_jax.import_weights --format=torchvision_resnet101 \\
         --src=resnet101-63fe2227.pth --dst=/data/weights/r101_torchvision
@@ -17,8 +17,7 @@ The output (written with ``synseg_jax.checkpoint.save_variables``) is the variab
 ``{"params": …, "batch_stats": …}`` of the ``--scope`` subtree of ``--model`` (default
 ``backbone``); the command prints the config overrides that load it. ``--scope=`` (empty) writes
 the whole model instead, e.g. a DeepLabV2 with the init's ASPP (its class count is read from the
-checkpoint); loading a whole-model tree needs a config whose ``model.init_scope`` names the whole
-model. Leaves the checkpoint has no counterpart for (DeepLab-LargeFOV's subsampled 1024-channel
+checkpoint), which loads with ``init.seg.scope=`` (empty: the whole segmenter). Leaves the checkpoint has no counterpart for (DeepLab-LargeFOV's subsampled 1024-channel
 fc6/fc7) get a fresh He-normal / zero initialisation, as the model gives them, and are listed.
 Any key or shape that does not fit fails with the list of the first mismatches.
 """
@@ -279,13 +278,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if kept:
         print(f"{len(kept)} leaves are not in the checkpoint and are freshly initialised: "
               + ", ".join(kept[:8]) + (" …" if len(kept) > 8 else ""))
-    fields = dict(init_weights=args.dst, init_scope="/".join(scope), **config)
-    flags = [f"--config.model.{k}={_flag_value(v)}" for k, v in fields.items()]
+    fields = {"init.seg.path": args.dst, "init.seg.scope": "/".join(scope),
+              **{f"model.{k}": v for k, v in config.items()}}
+    flags = [f"--config.{k}={_flag_value(v)}" for k, v in fields.items()]
     print("Load them with (main.py flags; the same key=value pairs work as config overrides):\n  "
           + " ".join(flags))
-    if not scope:
-        print("Note: this is the whole model; the config's model.init_scope must name the whole "
-              "model for it to load.")
     return 0
 
 

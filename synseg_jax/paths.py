@@ -13,9 +13,10 @@ import os
 import sys
 from collections.abc import Sequence
 
-# Config fields that hold a file or folder. "demo" in model.init_weights is a keyword, not a path.
-CONFIG_PATH_FIELDS = ("data.data_dir", "model.init_weights", "pretrain.config", "pretrain.workdir")
-PATH_KEYWORDS = {"model.init_weights": ("demo",)}
+# Config fields that hold a file or folder, besides every role's `init.<role>.path`.
+CONFIG_PATH_FIELDS = ("data.data_dir", "pretrain.config", "pretrain.workdir")
+# "demo" in init.<role>.path is a keyword (the demo's pretraining), not a path.
+INIT_PATH_KEYWORDS = ("demo",)
 
 
 def is_url(path: str) -> bool:
@@ -31,7 +32,9 @@ def absolute(path: str | None) -> str | None:
 
 def resolve_config_paths(config) -> None:
     """Makes every path field of ``config`` (an ml_collections.ConfigDict) absolute, in place."""
-    for dotted in CONFIG_PATH_FIELDS:
+    init = config.get("init")
+    roles = list(init.keys()) if init is not None else []
+    for dotted in (*CONFIG_PATH_FIELDS, *(f"init.{role}.path" for role in roles)):
         *parents, leaf = dotted.split(".")
         node = config
         for key in parents:
@@ -39,7 +42,8 @@ def resolve_config_paths(config) -> None:
         if node is None or leaf not in node:
             continue
         value = node[leaf]
-        if isinstance(value, str) and value not in PATH_KEYWORDS.get(dotted, ()):
+        keywords = INIT_PATH_KEYWORDS if dotted.startswith("init.") else ()
+        if isinstance(value, str) and value not in keywords:
             node[leaf] = absolute(value)  # a locked ConfigDict still takes existing keys
 
 

@@ -19,6 +19,7 @@ import ml_collections
 from synseg_jax import (checkpoint, config_keys, evaluate, locks, methods, metrics, paths,
                         pseudo_labels, sweep, train)
 from synseg_jax.methods import base
+from synseg_jax.models import segmenters
 
 DEMO_WEIGHTS = "demo"
 
@@ -36,17 +37,26 @@ def load_config_file(path: str, arg: str | None = None) -> ml_collections.Config
     return config
 
 
-def _backbone_key(config: ml_collections.ConfigDict) -> str:
+def backbone_key(config: ml_collections.ConfigDict) -> str:
+    """What tells one demo-pretrained backbone from another: its shapes, style, input
+    normalisation, minicity and pretraining seed."""
     m = config.model
     stages = "-".join(map(str, m.stage_sizes)) if m.stage_sizes else f"d{m.depth}"
     return (f"{stages}_w{m.width:g}_{base.resnet_style(m)}_{config.data.normalization}"
-            f"_mc{config.data.minicity.seed}_seed{config.seed}")
+            f"_mc{config.data.minicity.seed}_seed{config.pretrain.seed}")
+
+
+def demo_backbone_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
+    """The workdir of the demo pretraining a run in `workdir` uses (shared by the runs beside
+    it): `pretrain.workdir`, or `<workdir>/../pretrain_<backbone key>`."""
+    return config.pretrain.workdir or os.path.join(
+        os.path.dirname(os.path.abspath(workdir)), f"pretrain_{backbone_key(config)}")
 
 
 def pretrain_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """The pretraining config whose backbone has exactly the shapes `config`'s model needs."""
     m = config.model
-    overrides = [f"seed={config.seed}", f"model.depth={m.depth}",
+    overrides = [f"seed={config.pretrain.seed}", f"model.depth={m.depth}",
                  f"model.stage_sizes={tuple(m.stage_sizes)}", f"model.width={m.width}",
                  f"model.style={base.resnet_style(m)}", f"data.normalization={config.data.normalization}",
                  f"data.data_dir={config.data.data_dir}",
@@ -61,11 +71,16 @@ def pretrain_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
 
 
 def ensure_pretrained(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
-    """Resolves model.init_weights="demo" to a pretrained backbone, pretraining it if missing."""
-    if config.model.init_weights != DEMO_WEIGHTS:
+    """Resolves init.<role>.path="demo" to the demo-pretrained backbone, pretraining it if missing.
+
+    The demo pretraining is the minicity stand-in for ImageNet weights: like them it is made
+    once and shared (by every seed and method beside `workdir`), so it is not a stage of each
+    run; it runs through the same training and export as a stage does.
+    """
+    demo_roles = [role for role, s in config.init.items() if s.path == DEMO_WEIGHTS]
+    if not demo_roles:
         return config
-    pre_workdir = config.pretrain.workdir or os.path.join(
-        os.path.dirname(os.path.abspath(workdir)), f"pretrain_{_backbone_key(config)}")
+    pre_workdir = demo_backbone_dir(config, workdir)
     weights = os.path.join(pre_workdir, "backbone")
     if not os.path.isdir(weights):
         # Runs in other workdirs may want the same backbone: one pretrains, the others wait.
@@ -77,7 +92,8 @@ def ensure_pretrained(config: ml_collections.ConfigDict, workdir: str) -> ml_col
                 train.train_and_evaluate(pre_config, pre_workdir)
                 export_backbone(pre_config, pre_workdir, weights)
     resolved = ml_collections.ConfigDict(config.to_dict())
-    resolved.model.init_weights = weights
+    for role in demo_roles:
+        resolved.init[role].path = weights
     resolved.lock()
     return resolved
 
@@ -85,7 +101,7 @@ def ensure_pretrained(config: ml_collections.ConfigDict, workdir: str) -> ml_col
 def export_backbone(config: ml_collections.ConfigDict, workdir: str, path: str) -> None:
     """Saves the `backbone` subtree of a finished run's `seg` role as init weights."""
     params, collections = evaluate.restore_seg(config, workdir)
-    scope = config.model.init_scope
+    scope = segmenters.BACKBONE_SCOPE
     variables = {"params": params[scope]}
     if "batch_stats" in collections:
         variables["batch_stats"] = collections["batch_stats"][scope]
@@ -118,8 +134,8 @@ def stage_config(config: ml_collections.ConfigDict, workdir: str,
         out.stage_order = ()
         if stage.init_from:
             _check_earlier(config, name, stage.init_from, "train")
-            out.model.init_weights = os.path.join(workdir, stage.init_from, "final_weights")
-            out.model.init_scope = ""
+            out.init.seg.path = os.path.join(workdir, stage.init_from, "final_weights")
+            out.init.seg.scope = ""
         if stage.target_from:
             _check_earlier(config, name, stage.target_from, "sweep")
             out.data.target = sweep.dataset_name(os.path.join(workdir, stage.target_from))

@@ -116,9 +116,20 @@ def _params_finite(state: TrainState) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
 
 
-def load_pretrained(path: str) -> dict:
-    """Pretrained {"params", "batch_stats"} of one subtree (see synseg_jax.checkpoint)."""
-    return checkpoint.load_variables(path)
+def load_initial_weights(config: ml_collections.ConfigDict, roles: tuple[str, ...]
+                         ) -> dict[str, dict]:
+    """{role: variables tree} of every role whose `init.<role>.path` is set; the method puts
+    each under its `init.<role>.scope`."""
+    out = {}
+    for role, section in config.init.items():
+        if not section.path:
+            continue
+        if role not in roles:
+            raise ValueError(f"init.{role}.path is set ({section.path}), but method "
+                             f"{config.method.name!r} has no role {role!r}; its roles: {roles}")
+        out[role] = checkpoint.load_variables(section.path)
+        logging.info("Initialising %s/%s from %s", role, section.scope or "(all)", section.path)
+    return out
 
 
 def run_evaluation(config, role: str, state: TrainState, mesh, workdir: str, step: int,
@@ -151,10 +162,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                 allow_config_change=allow_config_change)
 
     rng = jax.random.PRNGKey(config.seed)
-    pretrained = None
-    if config.model.init_weights and start_step == 0:
-        pretrained = load_pretrained(config.model.init_weights)
-        logging.info("Initialising %s from %s", config.model.init_scope, config.model.init_weights)
+    # A resumed run takes every role from its checkpoint, so the files are not read again.
+    pretrained = load_initial_weights(config, method.roles) if start_step == 0 else {}
     state = jax.jit(method.init, out_shardings=repl)(rng, batch, pretrained)
     if start_step:
         state = ckpt.restore(state)

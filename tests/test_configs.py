@@ -108,7 +108,7 @@ def test_demo_pretraining_builds_the_style_its_segmenter_will_load(name, style):
     pre_config = recipe.pretrain_config(config)
     assert pre_config.model.style == style
     assert classifier.Classifier(pre_config).model.style == style
-    assert f"_{style}_" in recipe._backbone_key(config)
+    assert f"_{style}_" in recipe.backbone_key(config)
 
 
 def test_a_config_file_loads_from_any_working_directory(tmp_path):
@@ -121,3 +121,26 @@ def test_a_config_file_loads_from_any_working_directory(tmp_path):
                          text=True, env={**os.environ, "PYTHONPATH": ""})
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().endswith("road")
+
+
+def test_every_seed_shares_one_demo_pretraining_and_it_is_keyed_by_pretrain_seed():
+    """The demo backbone stands in for ImageNet weights: a run's seed does not change it."""
+    from synseg_jax import recipe
+    path = os.path.join(CONFIG_DIR, "source_only.py")
+    keys = {recipe.backbone_key(load_config_file(path, f"demo,seed={s}")) for s in (0, 1, 2)}
+    assert len(keys) == 1
+    assert recipe.pretrain_config(load_config_file(path, "demo,seed=2")).seed == 0
+    other = load_config_file(path, "demo,pretrain.seed=1")
+    assert recipe.backbone_key(other) not in keys and recipe.pretrain_config(other).seed == 1
+
+
+def test_every_roles_initial_weights_path_is_made_absolute(tmp_path, monkeypatch):
+    from synseg_jax import paths
+    monkeypatch.chdir(tmp_path)
+    config = load_config_file(os.path.join(CONFIG_DIR, "road.py"),
+                              "demo,init.teacher.path=weights/teacher")
+    assert config.init.seg.path == "demo"  # a keyword, not a path
+    assert config.init.teacher.path == str(tmp_path / "weights" / "teacher")
+    unlocked = load_config_file(os.path.join(CONFIG_DIR, "road.py"), "demo,init.seg.path=w/seg")
+    paths.resolve_config_paths(unlocked)
+    assert unlocked.init.seg.path == str(tmp_path / "w" / "seg")

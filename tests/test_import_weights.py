@@ -1,4 +1,4 @@
-"""The ``python -m synseg_jax.import_weights`` command: files in, ``model.init_weights`` trees out.
+"""The ``python -m synseg_jax.import_weights`` command: files in, ``init.seg`` trees out.
 
 Checkpoints here are tiny members of each family with the published key layouts (the numerics of
 each layout are checked against PyTorch in test_weight_parity.py). ``.pth``/``.tar`` files need
@@ -67,7 +67,7 @@ def test_torchvision_resnet_cli_loads_as_init_weights(tmp_path, capsys):
     src = save_pth(sd, tmp_path / "resnet50.pth")
     out = run_cli(capsys, "--format=torchvision_resnet50", f"--src={src}",
                   f"--dst={tmp_path / 'r50'}", "--stage-sizes=1,1,1,1", "--width=0.125")
-    assert "--config.model.init_weights=" in out and "--config.model.style=torchvision" in out
+    assert "--config.init.seg.path=" in out and "--config.model.style=torchvision" in out
 
     loaded = checkpoint.load_variables(str(tmp_path / "r50"))
     assert sorted(loaded) == ["batch_stats", "params"]
@@ -75,7 +75,7 @@ def test_torchvision_resnet_cli_loads_as_init_weights(tmp_path, capsys):
                                   sd["layer3.0.conv2.weight"].transpose(2, 3, 1, 0))
     np.testing.assert_array_equal(loaded["batch_stats"]["stem"]["bn"]["var"],
                                   sd["bn1.running_var"])
-    # What train.py does with model.init_weights / model.init_scope="backbone".
+    # What train.py does with init.seg.path / init.seg.scope="backbone".
     abstract = jax.eval_shape(
         lambda: model.init(jax.random.key(0), jnp.zeros((1, 33, 33, 3)), train=False))
     zeros = jax.tree.map(lambda leaf: np.zeros(leaf.shape, leaf.dtype), abstract)

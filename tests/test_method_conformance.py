@@ -49,7 +49,7 @@ def test_method_protocol(name, tmp_path):
     method = methods.build(config)
     batch = fake_batch(config, np.random.default_rng(0))
     run_key = jax.random.PRNGKey(0)
-    state = jax.jit(method.init)(run_key, batch, None)
+    state = jax.jit(method.init)(run_key, batch, {})
     assert set(state.roles) == set(method.roles)
     # The loop's key is derived apart from the run key and from every role's init key.
     assert np.array_equal(state.rng, state_lib.new_state(run_key, {}).rng)
@@ -80,7 +80,7 @@ def test_method_protocol(name, tmp_path):
     ckpt = checkpoint.Checkpointer(str(tmp_path / "checkpoints"))
     ckpt.save(1, new_state)
     ckpt.close()
-    abstract = jax.eval_shape(method.init, jax.random.PRNGKey(0), inputs.abstract_batch(config))
+    abstract = jax.eval_shape(method.init, jax.random.PRNGKey(0), inputs.abstract_batch(config), {})
     reader = checkpoint.Checkpointer(str(tmp_path / "checkpoints"), read_only=True)
     params, collections = reader.restore_role(role, abstract.roles[role].params,
                                               abstract.roles[role].collections)

@@ -10,7 +10,7 @@ from synseg_jax.methods import base
 
 
 def _role():
-    config = source_only.get_config("demo,model.width=0.125,model.init_weights=")
+    config = source_only.get_config("demo,model.width=0.125,init.seg.path=")
     model = base.segmenter_from_config(config.model)
     tx = base.role_optimizer(config.optim, "seg").tx
     return base.init_role(model, jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), tx), tx
@@ -125,12 +125,12 @@ def test_default_summaries_are_jittable_uint8_pictures():
     from synseg_jax.methods.source_only import SourceOnly  # noqa: PLC0415
 
     config = so.get_config("demo,model.width=0.125,model.stage_sizes=(1,1,1,1),"
-                           "model.init_weights=")
+                           "init.seg.path=")
     method = SourceOnly(config)
     label = np.random.default_rng(0).integers(0, 19, (4, 16, 16)).astype(np.int32)
     label[0, 0, 0] = 255
     batch = {"source": {"image": jnp.zeros((4, 16, 16, 3)), "label": jnp.asarray(label)}}
-    state = method.init(jax.random.PRNGKey(0), batch)
+    state = method.init(jax.random.PRNGKey(0), batch, {})
     from synseg_jax import train  # noqa: PLC0415
 
     pictures = jax.jit(train.summaries_of(method, "caffe_bgr"))(state, batch)

@@ -144,7 +144,7 @@ TINY_RUN = [
     "data.minicity.num_examples.real_train=4", "data.minicity.num_examples.real_val=5",
     "data.minicity.num_examples.objects=8", "data.train_resize=(32,64)", "data.crop=(32,32)",
     "data.eval_size=(16,32)", "data.eval_batch_size=2", "data.shuffle_buffer=8",
-    "model.width=0.125", "model.stage_sizes=(1,1,1,1)", "model.init_weights=",
+    "model.width=0.125", "model.stage_sizes=(1,1,1,1)", "init.seg.path=",
     "model.bn_mode=train", "train.steps=2", "train.batch_size=2", "train.checkpoint_every=2",
     "train.eval_every=2", "train.log_every=1", "train.image_every=100",
 ]
@@ -159,7 +159,7 @@ def test_predict_command_on_a_checkpoint(tmp_path):
                                    inputs.abstract_batch(config))
     # A checkpoint of zeros will do (the plumbing is under test), and needs no compilation.
     state = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype),
-                                   jax.eval_shape(method.init, jax.random.PRNGKey(0), batch))
+                                   jax.eval_shape(method.init, jax.random.PRNGKey(0), batch, {}))
     workdir = str(tmp_path / "run")
     ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
     ckpt.save(3, state)

@@ -97,7 +97,7 @@ def _run_readme(cwd: str, data_dir: str, config_dir: str | None) -> None:
         recorded = json.load(f)
     # Every path is recorded absolute, so the run means the same from anywhere.
     assert os.path.isabs(recorded["pretrain"]["config"])
-    assert os.path.isabs(recorded["model"]["init_weights"])
+    assert os.path.isabs(recorded["init"]["seg"]["path"])
     trained = sorted(os.listdir(os.path.join(workdir, "eval")))
     assert "minicity_real_val_2.json" in trained
 

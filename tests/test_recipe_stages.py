@@ -80,7 +80,7 @@ def test_stages_run_in_order_write_a_pseudo_labelled_dataset_and_resume(data_dir
         adapt = json.load(f)
     assert adapt["method"]["name"] == "self_training" and adapt["data"]["target_labels"]
     assert adapt["data"]["target"] == sweep.dataset_name(folder)
-    assert adapt["model"]["init_weights"] == os.path.join(workdir, "source", "final_weights")
+    assert adapt["init"]["seg"]["path"] == os.path.join(workdir, "source", "final_weights")
     assert os.path.exists(os.path.join(workdir, "adapt", "eval", "minicity_real_val_2.json"))
     # A third run has nothing left to do.
     trained.clear()

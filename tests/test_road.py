@@ -38,14 +38,14 @@ def fake_batch(b=2, h=32, w=32, seed=0):
 def full_state():
     """One initialised state of full ROAD, shared: jitting an init costs ~10 s of CPU here."""
     method = methods.build(tiny_config())
-    return jax.jit(method.init)(jax.random.PRNGKey(0), fake_batch(), None)
+    return jax.jit(method.init)(jax.random.PRNGKey(0), fake_batch(), {})
 
 
 def state_for(method, full):
     """``full`` restricted to ``method``'s roles: what its own init returns (param shapes do not
     depend on BN mode, lambdas or dist_domain); checked against init's abstract output."""
     state = full.replace(roles={k: v for k, v in full.roles.items() if k in method.roles})
-    abstract = jax.eval_shape(method.init, jax.random.PRNGKey(0), fake_batch(), None)
+    abstract = jax.eval_shape(method.init, jax.random.PRNGKey(0), fake_batch(), {})
     assert (jax.tree_util.tree_structure(abstract) == jax.tree_util.tree_structure(state))
     return state
 
@@ -234,9 +234,39 @@ def test_paper_presets_build_every_role(arg):
     from synseg_jax import inputs
     config = road_config.get_config(arg)
     method = methods.build(config)
-    state = jax.eval_shape(method.init, jax.random.PRNGKey(0), inputs.abstract_batch(config))
+    state = jax.eval_shape(method.init, jax.random.PRNGKey(0), inputs.abstract_batch(config), {})
     assert set(state.roles) == {"seg", "teacher", "disc"}
     shapes = lambda tree: jax.tree_util.tree_map(lambda s: s.shape, tree)  # noqa: E731
     assert shapes(state.roles["teacher"].params) == shapes(state.roles["seg"].params["backbone"])
     assert state.roles["disc"].params["kernel0"].shape[0] == 9
     assert config.data.crop == (321, 321) and config.train.batch_size == 5
+
+
+def test_per_role_initial_weights_reach_the_segmenter_and_the_teacher(full_state):
+    """`init.seg` fills the segmenter's backbone; `init.teacher` (when set) replaces the teacher,
+    which otherwise copies the segmenter's initial backbone."""
+    method = methods.build(tiny_config())
+    backbone = full_state.roles["seg"].params["backbone"]
+    stats = full_state.roles["seg"].collections["batch_stats"]["backbone"]
+    filled = lambda tree, v: jax.tree_util.tree_map(lambda x: jnp.full_like(x, v), tree)  # noqa: E731
+    seg_init = {"params": filled(backbone, 0.5), "batch_stats": filled(stats, 2.0)}
+    teacher_init = {"params": filled(backbone, -1.0), "batch_stats": filled(stats, 3.0)}
+
+    state = method.init(jax.random.PRNGKey(0), fake_batch(), {"seg": seg_init})
+    for leaf in jax.tree_util.tree_leaves(state.roles["teacher"].params):
+        np.testing.assert_array_equal(leaf, 0.5)
+    state = method.init(jax.random.PRNGKey(0), fake_batch(),
+                        {"seg": seg_init, "teacher": teacher_init})
+    for leaf in jax.tree_util.tree_leaves(state.roles["seg"].params["backbone"]):
+        np.testing.assert_array_equal(leaf, 0.5)
+    for leaf in jax.tree_util.tree_leaves(state.roles["teacher"].params):
+        np.testing.assert_array_equal(leaf, -1.0)
+    for leaf in jax.tree_util.tree_leaves(state.roles["teacher"].collections):
+        np.testing.assert_array_equal(leaf, 3.0)
+
+
+def test_initial_weights_for_a_role_the_method_lacks_are_an_error(tmp_path):
+    config = tiny_config("method.dist=False", f"init.teacher.path={tmp_path}")
+    method = methods.build(config)
+    with pytest.raises(ValueError, match=r"init.teacher.path is set .* no role 'teacher'"):
+        train.load_initial_weights(config, method.roles)

@@ -139,7 +139,7 @@ def test_an_interrupted_run_resumes_bit_identical_to_an_uninterrupted_one(data_d
 def _seg_shapes(config):
     from synseg_jax import inputs, methods
     method = methods.build(config)
-    abstract = jax.eval_shape(method.init, jax.random.PRNGKey(0), inputs.abstract_batch(config))
+    abstract = jax.eval_shape(method.init, jax.random.PRNGKey(0), inputs.abstract_batch(config), {})
     return abstract.roles["seg"].params, abstract.roles["seg"].collections
 
 
@@ -190,17 +190,17 @@ def test_a_bad_config_flag_is_one_line_naming_the_problem(config_arg, message, t
 
 
 def test_demo_pretraining_runs_once_and_initialises_the_backbone(data_dir, tmp_path):
-    config = tiny_config(data_dir, "model.init_weights=demo", "train.steps=2",
+    config = tiny_config(data_dir, "init.seg.path=demo", "train.steps=2",
                          "pretrain.overrides=train.steps=3", f"pretrain.workdir={tmp_path / 'pre'}")
     resolved = recipe.ensure_pretrained(config, str(tmp_path / "run"))
-    weights = resolved.model.init_weights
+    weights = resolved.init.seg.path
     assert os.path.isdir(weights) and weights.startswith(str(tmp_path / "pre"))
     backbone = checkpoint.load_variables(weights)
     seg_params, _ = _seg_shapes(config)
     got = jax.tree_util.tree_map(np.shape, backbone["params"])
     assert got == jax.tree_util.tree_map(lambda s: s.shape, seg_params["backbone"])
     mtime = os.path.getmtime(weights)
-    assert recipe.ensure_pretrained(config, str(tmp_path / "run")).model.init_weights == weights
+    assert recipe.ensure_pretrained(config, str(tmp_path / "run")).init.seg.path == weights
     assert os.path.getmtime(weights) == mtime  # found, not redone
 
 
@@ -216,7 +216,7 @@ _DEVICE_SCRIPT = textwrap.dedent("""
     batches = inputs.train_batches(config, mesh, seed=0)
     batch = next(batches)
     repl = parallel.replicated(mesh)
-    state = jax.jit(method.init, out_shardings=repl)(jax.random.PRNGKey(0), batch, None)
+    state = jax.jit(method.init, out_shardings=repl)(jax.random.PRNGKey(0), batch, {})
     step = jax.jit(method.train_step, donate_argnums=(0,),
                    in_shardings=(repl, parallel.data_sharding(mesh)), out_shardings=(repl, repl))
     losses = []

@@ -8,5 +8,5 @@ TINY_DATA_AND_MODEL = [
     "data.minicity.num_examples.objects=32",
     "data.train_resize=(32,64)", "data.target_resize=(32,64)", "data.crop=(32,32)",
     "data.eval_size=(32,64)", "data.eval_batch_size=4", "data.shuffle_buffer=16",
-    "model.width=0.125", "model.stage_sizes=(1,1,1,1)", "model.init_weights=",
+    "model.width=0.125", "model.stage_sizes=(1,1,1,1)", "init.seg.path=",
 ]

@@ -35,8 +35,10 @@ class Method(Protocol):
 
     roles: tuple[str, ...]
 
-    def init(self, rng: jax.Array, batch: Batch, pretrained: dict | None = None) -> TrainState:
-        """A fresh state; `pretrained` holds {"params", "batch_stats"} of the backbone."""
+    def init(self, rng: jax.Array, batch: Batch, pretrained: dict[str, dict]) -> TrainState:
+        """A fresh state. `pretrained` maps a role to the variables tree ({"params",
+        "batch_stats"}) that config `init.<role>` names; the method puts it under the role's
+        `init.<role>.scope` and initialises the rest from `rng`."""
 
     def train_step(self, state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
         """Pure; scalar metrics named "loss/<term>", "lr/<role>", ..."""
@@ -123,7 +125,8 @@ def role_optimizer(optim_config: ml_collections.ConfigDict, role: str) -> RoleOp
 @dataclasses.dataclass(frozen=True)
 class Segmenter:
     """The trained `seg` role segmentation methods share: the network, its optimiser, the
-    auxiliary-loss weight, which domains update BN statistics, and its pretrained subtree."""
+    auxiliary-loss weight, which domains update BN statistics, and the subtree its initial
+    weights replace (`init.seg.scope`)."""
 
     model: nn.Module
     opt: RoleOptimizer
@@ -135,10 +138,12 @@ class Segmenter:
     def from_config(cls, config: ml_collections.ConfigDict) -> "Segmenter":
         updates_stats(config.model.bn_update, "source")  # validates the setting
         return cls(segmenter_from_config(config.model), role_optimizer(config.optim, "seg"),
-                   config.method.aux_weight, config.model.bn_update, config.model.init_scope)
+                   config.method.aux_weight, config.model.bn_update, config.init.seg.scope)
 
-    def init_role(self, rng: jax.Array, sample: jax.Array, pretrained: dict | None) -> RoleState:
-        return init_segmenter(self.model, rng, sample, self.opt.tx, pretrained, self.init_scope)
+    def init_role(self, rng: jax.Array, sample: jax.Array, pretrained: dict) -> RoleState:
+        """The `seg` role: fresh init, then `pretrained["seg"]` under its scope when given."""
+        return init_segmenter(self.model, rng, sample, self.opt.tx, pretrained.get("seg"),
+                              self.init_scope)
 
     def updates_stats(self, domain: str) -> bool:
         return updates_stats(self.bn_update, domain)

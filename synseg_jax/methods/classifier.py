@@ -23,7 +23,7 @@ class Classifier:
             output_stride=m.output_stride, bn_mode=m.bn_mode)
         self.seg_opt = base.role_optimizer(config.optim, "seg")
 
-    def init(self, rng, batch, pretrained=None) -> TrainState:
+    def init(self, rng, batch, pretrained) -> TrainState:
         del pretrained  # pretraining starts from scratch
         seg = base.init_role(self.model, init_key(rng, "seg"), batch["source"]["image"],
                              self.seg_opt.tx)

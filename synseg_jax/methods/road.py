@@ -17,8 +17,9 @@ L = L_seg + lambda_dist * L_dist + lambda_spt * L_spt  (Eq. 5), in one jitted st
   segmenter ascends it.
 
 Teacher initialisation: the teacher is the segmenter's backbone as ``init`` made it, i.e. the
-pretrained backbone when ``pretrained`` is given (ImageNet, or minicity ``objects`` on the demo),
-and the segmenter's own random initial backbone otherwise (tests that skip pretraining).
+pretrained backbone when ``init.seg.path`` is set (ImageNet, or minicity ``objects`` on the demo),
+and the segmenter's own random initial backbone otherwise (tests that skip pretraining). Config
+``init.teacher.path`` distils to another file's backbone instead (the paper does not).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from synseg_jax.models import layers, segmenters
 from synseg_jax.state import RoleState, TrainState, init_key, new_state
 
 SOURCE_DOMAIN, TARGET_DOMAIN = 0, 1  # domain labels of Sec. 3.2 (0 source, 1 target)
-BACKBONE_SCOPE = "backbone"  # where every segmenter keeps its pretrained feature extractor
+BACKBONE_SCOPE = segmenters.BACKBONE_SCOPE
 
 # Per segmenter: (backbone kind in segmenters.BACKBONES, fixed backbone kwargs, default distilled
 # layer, default layer for the domain classifiers = the feature the segmentation classifier reads).
@@ -162,7 +163,7 @@ class Road:
         self.disc_opt = base.role_optimizer(config.optim, "disc") if self.spt else None
         self.roles = ("seg",) + ("teacher",) * self.dist + ("disc",) * self.spt
 
-    def init(self, rng, batch, pretrained=None) -> TrainState:
+    def init(self, rng, batch, pretrained) -> TrainState:
         sample = batch["source"]["image"]
         seg = self.seg.init_role(init_key(rng, "seg"), sample, pretrained)
         roles = {"seg": seg}
@@ -178,11 +179,12 @@ class Road:
             # The segmenter's initial backbone: the pretrained one when given (see module doc).
             # Copied, so that the teacher never shares a (donated) buffer with the segmenter.
             copy = lambda tree: jax.tree_util.tree_map(jnp.copy, tree)  # noqa: E731
-            roles["teacher"] = RoleState(
+            teacher = RoleState(
                 params=copy(seg.params[BACKBONE_SCOPE]),
                 collections={k: copy(v[BACKBONE_SCOPE]) for k, v in seg.collections.items()
                              if BACKBONE_SCOPE in v},
                 opt_state=None)
+            roles["teacher"] = base.with_pretrained(teacher, pretrained.get("teacher"), "", None)
         if self.spt:
             channels = features[self.spt_layer].shape[-1]
             params = self.disc.init(init_key(rng, "disc"),

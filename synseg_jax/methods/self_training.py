@@ -23,7 +23,7 @@ class SelfTraining:
         self.model = self.seg.model
         self.lambda_pseudo = config.method.lambda_pseudo
 
-    def init(self, rng, batch, pretrained=None) -> TrainState:
+    def init(self, rng, batch, pretrained) -> TrainState:
         role = self.seg.init_role(init_key(rng, "seg"), batch["source"]["image"], pretrained)
         return new_state(rng, {"seg": role})
 

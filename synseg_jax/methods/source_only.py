@@ -16,7 +16,7 @@ class SourceOnly:
         self.seg = base.Segmenter.from_config(config)
         self.model = self.seg.model
 
-    def init(self, rng, batch, pretrained=None) -> TrainState:
+    def init(self, rng, batch, pretrained) -> TrainState:
         role = self.seg.init_role(init_key(rng, "seg"), batch["source"]["image"], pretrained)
         return new_state(rng, {"seg": role})
 

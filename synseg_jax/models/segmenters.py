@@ -28,6 +28,8 @@ import numpy as np
 from synseg_jax import images
 from synseg_jax.models.layers import Conv, ConvBN, batch_norm, conv_padding
 from synseg_jax.models.resnet import ResNet, ResNetClassifier
+
+BACKBONE_SCOPE = "backbone"  # where every segmenter (and the classifier) keeps its feature extractor
 from synseg_jax.models.stdc import STAGE_SIZES as STDC_STAGE_SIZES
 from synseg_jax.models.stdc import STDCNet
 from synseg_jax.models.vgg import VGG, VGG16_STAGE_SIZES, dropout
