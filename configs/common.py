@@ -10,12 +10,14 @@ preset shrinks models and data so a run takes minutes on a CPU, without changing
 
 from __future__ import annotations
 
+import copy
 import os
 from typing import Callable
 
 import ml_collections
 
 from synseg_jax import config_keys
+from synseg_jax.methods import base
 
 PRESETS = ("demo", "gta5", "synthia")
 
@@ -74,6 +76,12 @@ def base_config() -> ml_collections.ConfigDict:
     mo.bn_mode = "frozen"  # "frozen": running statistics; "train": batch statistics
     mo.bn_update = "source"  # with bn_mode="train": which domains update running stats
 
+    # FDA (Yang & Soatto, CVPR 2020), an input option of every method: each source image takes
+    # the low-frequency amplitude of a target image (synseg_jax/fda.py).
+    c.fda = f = ml_collections.ConfigDict()
+    f.beta = 0.0  # window size; 0 = off. FDA: 0.01, 0.05, 0.09 (must be in (0, 0.5))
+    f.variant = "centered"  # "centered": FDA's numpy function (real-time DA); "corners": its torch code
+
     # Initial weights per role (init.seg, init.teacher, ...; see init_section). The segmenter
     # starts from imported ImageNet weights of its backbone (synseg_jax.import_weights).
     c.init = ml_collections.ConfigDict({"seg": init_section(scope="backbone")})
@@ -92,21 +100,9 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.method = me = ml_collections.ConfigDict()
     me.name = "source_only"  # see synseg_jax.methods
+    # A method's own fields (ROAD's lambdas, a discriminator's widths) are declared by its config
+    # file (configs/<method>.py), so config.json records only those of the method that ran.
     me.aux_weight = 0.1  # multi-level: source loss = main + 0.1 x aux (AdaptSegNet)
-    # ROAD (configs/road.py; Chen et al. CVPR 2018). Only the "road" method reads these.
-    me.dist = True  # target-guided distillation to a frozen pretrained backbone (ROAD Sec. 3.1)
-    me.dist_domain = "target"  # images distilled on: "target" (ROAD) or "source" (Sec. 4.3 "sd")
-    me.dist_layer = ""  # backbone feature distilled; "" = the backbone's last (ResNet layer4)
-    me.lambda_dist = 0.1  # lambda_1 of Eq. 5 (ROAD Sec. 3.3)
-    me.spt = True  # spatial-aware adversarial adaptation (ROAD Sec. 3.2)
-    me.spt_layer = ""  # features the domain classifiers see; "" = what the seg classifier sees
-    me.grid = (3, 3)  # (rows, cols) regions of the original image (ROAD Sec. 4.4: 3x3 best)
-    me.lambda_spt = 0.01  # lambda_2 of Eq. 5 (ROAD Sec. 3.3)
-    me.disc_hidden = (1024, 1024)  # 1x1-conv widths per region classifier (DANN's, ROAD ref [8])
-
-    # Self-training on pseudo-labels (methods/self_training.py).
-    me.lambda_pseudo = 1.0  # weight of the pseudo-labelled target CE (BDL and FDA: 1)
-
     # Stages of a recipe (empty: one training run in the workdir): each a train_stage() or
     # sweep_stage() section, run in <workdir>/<name>, in the order stage_order names them
     # (ConfigDict keys iterate sorted, so the order is explicit).
@@ -250,7 +246,9 @@ def finalize(config: ml_collections.ConfigDict, arg: str | None,
     PRESET_FNS[preset](config)
     if method_presets and preset in method_presets:
         method_presets[preset](config)
+    before = copy.deepcopy(config)
     for key, raw in overrides:
         config_keys.set_key(config, key, raw)
+    base.check_model_overrides(before, config)
     config.lock()
     return config

@@ -20,6 +20,7 @@ from configs import common
 def get_config(arg: str | None = None):
     config = common.base_config()
     config.method.name = "source_only"
+    config.method.lambda_pseudo = 1.0  # BDL / FDA: pseudo-labelled target CE with weight 1
     s = config.stages
     s.source = common.train_stage(overrides="data.target=,data.target_split=")
     s.pseudo = common.sweep_stage(models=("source",), rule="class_percentile",
@@ -28,7 +29,6 @@ def get_config(arg: str | None = None):
     s.adapt = common.train_stage(overrides="method.name=self_training", init_from="source",
                                  target_from="pseudo")
     config.stage_order = ("source", "pseudo", "adapt")
-    config.method.lambda_pseudo = 1.0  # BDL / FDA: pseudo-labelled target CE with weight 1
     return common.finalize(config, arg, {"demo": _demo})
 
 

@@ -14,6 +14,7 @@ from ml_collections import config_flags  # noqa: E402
 
 from synseg_jax import checkpoint, parallel, paths, recipe, train  # noqa: E402
 from synseg_jax.data import datasets, pipeline  # noqa: E402
+from synseg_jax.methods import base  # noqa: E402
 
 # Errors that describe a run's situation (a diverged loss, a checkpoint that does not fit, a
 # missing file), as opposed to a bug: reported by their message alone.
@@ -36,7 +37,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
 
-def main(argv):
+def main(argv, file_config=None):
+    """`file_config`: the config as its file and `:arg` give it, before `--config.*` flags."""
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     parallel.maybe_initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
@@ -48,6 +50,12 @@ def main(argv):
     py_logging.getLogger("jax").setLevel(py_logging.WARNING)
     config = FLAGS.config
     paths.resolve_config_paths(config)
+    if file_config is not None:
+        try:
+            base.check_model_overrides(file_config, config)
+        except ValueError as error:
+            print(f"error: {error}", file=sys.stderr, flush=True)
+            sys.exit(2)
     try:
         recipe.run(config, paths.absolute(FLAGS.workdir), FLAGS.mode, FLAGS.step,
                    FLAGS.allow_config_change)
@@ -57,16 +65,16 @@ def main(argv):
         sys.exit(1)
 
 
-def check_config_flag(argv) -> None:
+def check_config_flag(argv):
     """Loads ``--config`` once before absl does and exits with one line if it cannot be built (a
     missing file, an unknown key, a value of the wrong type): absl would report the same message
-    inside two chained tracebacks."""
+    inside two chained tracebacks. Returns the loaded config (None without the flag)."""
     value = paths.config_flag_from_argv(argv)
     if value is None:
-        return  # absl reports the missing flag
+        return None  # absl reports the missing flag
     path, _, arg = value.partition(":")
     try:
-        recipe.load_config_file(paths.absolute(path), arg or None)
+        return recipe.load_config_file(paths.absolute(path), arg or None)
     except (FileNotFoundError, KeyError, ValueError, TypeError, AttributeError) as error:
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
         print(f"error: --config={value}: {message}", file=sys.stderr, flush=True)
@@ -76,5 +84,5 @@ def check_config_flag(argv) -> None:
 if __name__ == "__main__":
     # The config file is imported while flags are parsed, before main() runs.
     paths.prepare_config_flag(sys.argv)
-    check_config_flag(sys.argv)
-    app.run(main)
+    loaded = check_config_flag(sys.argv)
+    app.run(lambda argv: main(argv, loaded))

@@ -74,9 +74,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# Same value as synseg_jax.data.labels.IGNORE_LABEL; defined here so that this module imports
-# without the data layer (and its TensorFlow dependency).
-IGNORE = 255
+from synseg_jax.data.labels import IGNORE_LABEL as IGNORE  # numpy only: no TensorFlow
+
 DEFAULT_NUM_BINS = 1000
 # Label maps are uint8: a quarter of int32's memory and the dtype label PNGs are stored in.
 LABEL_DTYPE = np.uint8

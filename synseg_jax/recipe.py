@@ -129,6 +129,7 @@ def stage_config(config: ml_collections.ConfigDict, workdir: str,
     stages (initial weights, pseudo-labelled target) resolved to their folders."""
     stage = config.stages[name]
     out = config_keys.apply_overrides(config, stage.overrides)
+    base.check_model_overrides(config, out)
     with out.unlocked():
         out.stages = ml_collections.ConfigDict()  # a stage runs as a plain run
         out.stage_order = ()

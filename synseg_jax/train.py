@@ -19,8 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 from clu import metric_writers
 
-from synseg_jax import checkpoint, evaluate, images, inputs, methods, metrics, parallel
-from synseg_jax.data import labels
+from synseg_jax import checkpoint, evaluate, fda, images, inputs, methods, metrics, parallel
 from synseg_jax.methods import base
 from synseg_jax.state import TrainState
 
@@ -169,13 +168,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         state = ckpt.restore(state)
         logging.info("Resumed from step %d of %s", start_step, ckpt.directory)
 
-    train_step = jax.jit(method.train_step, donate_argnums=(0,),
+    train_step = jax.jit(with_input_transform(method.train_step, config), donate_argnums=(0,),
                          in_shardings=(repl, data_sharding), out_shardings=(repl, repl))
     eval_role = base.eval_role_of(method)
     eval_step = jax.jit(evaluate.make_eval_step(method.predict, config.model.num_classes))
     eval_targets = (inputs.eval_targets(config)
                     if config.data.eval_dataset and eval_role is not None else [])
     summaries = summaries_of(method, config.data.normalization)
+    if summaries is not None:
+        summaries = with_input_transform(summaries, config, show_original=True)
     # Replicated output: every process holds the pictures, however the batch is sharded.
     summaries = jax.jit(summaries, out_shardings=repl) if summaries is not None else None
     writer = metric_writers.create_default_writer(
@@ -234,28 +235,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     return results
 
 
-SUMMARY_IMAGES = 3  # pictures per summary
+def with_input_transform(fn, config: ml_collections.ConfigDict, show_original: bool = False):
+    """`fn(state, batch)` fed the batch as the config's input options make it (FDA's source in
+    the target's style, config `fda`), so that every method can switch them on. With
+    `show_original`, `fn` is a summaries hook and the untranslated source is shown too."""
+    transform = fda.batch_transform(config.fda.beta, config.fda.variant, config.data.normalization)
+    if transform is None:
+        return fn
+    if not config.data.target:
+        raise ValueError(f"fda.beta={config.fda.beta} needs target images: set data.target and "
+                         "data.target_split")
 
-
-def segmentation_summaries(predict, role: str, normalization: str,
-                           max_images: int = SUMMARY_IMAGES):
-    """The default `summaries` hook: the first source images, their labels and the `role`'s
-    predictions, as uint8 RGB. Jittable, so the loop can gather a multi-host batch into one
-    replicated set of pictures."""
-
-    def summaries(state: TrainState, batch: dict) -> dict[str, jax.Array]:
-        source = batch["source"]
-        shown = source["image"][:max_images]
-        out = {"train/source_image": images.to_uint8(shown, normalization, xp=jnp)}
-        label = source.get("label")
-        if label is not None and label.ndim == 3 and role in state.roles:
-            logits = predict(state.roles[role].variables, shown)
-            pred = jnp.argmax(images.resize_bilinear(logits, shown.shape[1:3]), axis=-1)
-            out["train/source_label"] = labels.colorize(label[:max_images], xp=jnp)
-            out["train/source_prediction"] = labels.colorize(pred, xp=jnp)
+    def wrapped(state, batch):
+        out = fn(state, transform(batch))
+        if show_original:
+            shown = batch["source"]["image"][:base.SUMMARY_IMAGES]
+            out = {**out, "train/source_image_before_fda": images.to_uint8(
+                shown, config.data.normalization, xp=jnp)}
         return out
 
-    return summaries
+    return wrapped
 
 
 def summaries_of(method, normalization: str):
@@ -264,7 +263,7 @@ def summaries_of(method, normalization: str):
     if hook is not None:
         return hook
     role = base.eval_role_of(method)
-    return segmentation_summaries(method.predict, role, normalization) if role else None
+    return base.segmentation_summaries(method.predict, role, normalization) if role else None
 
 
 class MetricsInterval:

@@ -144,3 +144,21 @@ def test_every_roles_initial_weights_path_is_made_absolute(tmp_path, monkeypatch
     unlocked = load_config_file(os.path.join(CONFIG_DIR, "road.py"), "demo,init.seg.path=w/seg")
     paths.resolve_config_paths(unlocked)
     assert unlocked.init.seg.path == str(tmp_path / "w" / "seg")
+
+
+def test_a_model_field_the_segmenter_does_not_take_is_an_error_not_ignored():
+    path = os.path.join(CONFIG_DIR, "road.py")
+    with pytest.raises(ValueError, match=r"model.multi_level is set, but segmenter "
+                                         r"'deeplab_largefov_vgg16' has no such setting"):
+        load_config_file(path, "gta5,model.multi_level=True")
+    # Fields the segmenter takes, and presets that set fields for other segmenters, are fine.
+    assert load_config_file(path, "gta5,model.width=0.5").model.width == 0.5
+    assert load_config_file(path, "demo,model.name=bisenet_stdc813").model.name == "bisenet_stdc813"
+    # Stage overrides are checked the same way.
+    from synseg_jax import recipe
+    config = load_config_file(os.path.join(CONFIG_DIR, "self_training.py"),
+                              "demo,model.name=bisenet_stdc813")
+    with config.unlocked():
+        config.stages.adapt.overrides += ",model.depth=50"
+    with pytest.raises(ValueError, match=r"model.depth is set, but segmenter 'bisenet_stdc813'"):
+        recipe.stage_config(config, "/tmp/w", "adapt")

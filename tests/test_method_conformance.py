@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import pretrain, road, source_only
+from configs import adversarial, pretrain, road, self_training, source_only
 from synseg_jax import checkpoint, inputs, methods
 from synseg_jax import state as state_lib
 from synseg_jax.methods import base
@@ -23,7 +23,8 @@ CONFIGS = {
     "source_only": (source_only, []),
     "classifier": (pretrain, ["model.stage_sizes=(1,1,1,1)", "model.width=0.125"]),
     "road": (road, ["method.disc_hidden=(8,8)"]),
-    "self_training": (source_only, ["method.name=self_training", "data.target=minicity",
+    "adversarial": (adversarial, ["method.disc_widths=(4,4,4,4)", "fda.beta=0.05"]),
+    "self_training": (self_training, ["method.name=self_training", "data.target=minicity",
                                     "data.target_split=real_train", "data.target_labels=True"]),
 }
 
@@ -87,3 +88,17 @@ def test_method_protocol(name, tmp_path):
     for a, b in zip(jax.tree_util.tree_leaves(params),
                     jax.tree_util.tree_leaves(new_state.roles[role].params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_config_json_holds_only_the_method_fields_of_the_method_that_ran():
+    so = source_only.get_config("demo")
+    assert set(so.method.keys()) == {"name", "aux_weight"}
+    ro = road.get_config("demo")
+    assert {"dist", "lambda_spt", "grid"} <= set(ro.method.keys())
+    assert "lambda_pseudo" not in ro.method and "dist" not in self_training.get_config("demo").method
+
+
+def test_a_method_built_from_a_config_without_its_fields_names_them():
+    config = source_only.get_config("demo,method.name=road")
+    with pytest.raises(ValueError, match=r"'road' reads config fields \['method.dist'.*configs/road.py"):
+        methods.build(config)

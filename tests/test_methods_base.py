@@ -137,6 +137,6 @@ def test_default_summaries_are_jittable_uint8_pictures():
     assert set(pictures) == {"train/source_image", "train/source_label",
                              "train/source_prediction"}
     for value in pictures.values():
-        assert value.dtype == jnp.uint8 and value.shape == (train.SUMMARY_IMAGES, 16, 16, 3)
+        assert value.dtype == jnp.uint8 and value.shape == (base.SUMMARY_IMAGES, 16, 16, 3)
     np.testing.assert_array_equal(pictures["train/source_label"],
-                                  labels.colorize(label[:train.SUMMARY_IMAGES]))
+                                  labels.colorize(label[:base.SUMMARY_IMAGES]))

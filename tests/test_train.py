@@ -176,6 +176,8 @@ def test_non_finite_loss_command_ends_with_its_message(data_dir, tmp_path):
 @pytest.mark.parametrize("config_arg, message", [
     ("configs/source_only.py:demo,train.stepz=3", "Unknown config key 'train.stepz'; did you mean"),
     ("configs/nope.py", "configs/nope.py does not exist"),
+    ("configs/source_only.py:demo,model.name=bisenet_stdc813,model.output_stride=16",
+     "model.output_stride is set, but segmenter 'bisenet_stdc813' has no such setting"),
 ])
 def test_a_bad_config_flag_is_one_line_naming_the_problem(config_arg, message, tmp_path):
     proc = subprocess.run(
@@ -216,7 +218,7 @@ _DEVICE_SCRIPT = textwrap.dedent("""
     batches = inputs.train_batches(config, mesh, seed=0)
     batch = next(batches)
     repl = parallel.replicated(mesh)
-    state = jax.jit(method.init, out_shardings=repl)(jax.random.PRNGKey(0), batch, {})
+    state = jax.jit(method.init, out_shardings=repl)(jax.random.PRNGKey(0), batch, {{}})
     step = jax.jit(method.train_step, donate_argnums=(0,),
                    in_shardings=(repl, parallel.data_sharding(mesh)), out_shardings=(repl, repl))
     losses = []
@@ -351,3 +353,17 @@ def test_an_invalid_config_leaves_no_config_record(data_dir, tmp_path):
     with pytest.raises(ValueError, match="unet"):
         train.train_and_evaluate(tiny_config(data_dir, "model.name=unet"), workdir)
     assert not os.path.exists(os.path.join(workdir, "config.json"))
+
+
+def test_a_config_flag_the_segmenter_does_not_take_is_named(tmp_path):
+    """absl's --config.model.* flags come after the file is loaded; they are checked too."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "synseg_jax.main",
+         "--config=configs/source_only.py:demo,model.name=bisenet_stdc813",
+         "--config.model.aspp_rates=(1,2)", f"--workdir={tmp_path / 'run'}"], cwd=REPO,
+        capture_output=True, text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.rstrip().splitlines()[-1] == (
+        "error: model.aspp_rates is set, but segmenter 'bisenet_stdc813' has no such setting (it "
+        "would be ignored); unset model.aspp_rates"), proc.stderr
+    assert not (tmp_path / "run").exists()

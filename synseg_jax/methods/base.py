@@ -16,6 +16,7 @@ import ml_collections
 import optax
 
 from synseg_jax import images, losses, optim
+from synseg_jax.data import labels
 from synseg_jax.models import segmenters
 from synseg_jax.state import RoleState, TrainState
 
@@ -50,6 +51,31 @@ class Method(Protocol):
 DEFAULT_EVAL_ROLE = "seg"
 def eval_role_of(method) -> str | None:
     return getattr(method, "eval_role", DEFAULT_EVAL_ROLE)
+
+
+# model.* fields that are arguments of some segmenter classes and not of others.
+ARCHITECTURE_FIELDS = ("depth", "width", "output_stride", "bn_mode", "aspp_rates",
+                       "aspp_two_branch", "multi_level", "stage_sizes", "style")
+
+
+def undeclared_fields(model: ml_collections.ConfigDict) -> set[str]:
+    """The architecture fields of `model` that segmenter `model.name` does not take."""
+    cls = segmenters.SEGMENTERS.get(model.name)
+    if cls is None:
+        return set()
+    return set(ARCHITECTURE_FIELDS) - {f.name for f in dataclasses.fields(cls)}
+
+
+def check_model_overrides(before: ml_collections.ConfigDict,
+                          after: ml_collections.ConfigDict) -> None:
+    """Overrides took `before` to `after`: a model.* field they set that the chosen segmenter
+    does not take would be silently dropped, so it is an error naming the field."""
+    changed = sorted(f for f in undeclared_fields(after.model)
+                     if f in before.model and before.model[f] != after.model[f])
+    if changed:
+        raise ValueError(f"model.{changed[0]} is set, but segmenter {after.model.name!r} has no "
+                         f"such setting (it would be ignored); unset "
+                         f"{', '.join('model.' + f for f in changed)}")
 
 
 def segmenter_from_config(model: ml_collections.ConfigDict) -> nn.Module:
@@ -250,3 +276,27 @@ def updates_stats(bn_update: str, domain: str) -> bool:
 
 def resize_logits(logits: jax.Array, size: tuple[int, int]) -> jax.Array:
     return images.resize_bilinear(logits, size)
+
+
+SUMMARY_IMAGES = 3  # pictures per summary
+
+
+def segmentation_summaries(predict, role: str, normalization: str,
+                           max_images: int = SUMMARY_IMAGES):
+    """The default `summaries` hook: the first source images, their labels and the `role`'s
+    predictions, as uint8 RGB. Jittable, so the loop can gather a multi-host batch into one
+    replicated set of pictures."""
+
+    def summaries(state: TrainState, batch: dict) -> dict[str, jax.Array]:
+        source = batch["source"]
+        shown = source["image"][:max_images]
+        out = {"train/source_image": images.to_uint8(shown, normalization, xp=jnp)}
+        label = source.get("label")
+        if label is not None and label.ndim == 3 and role in state.roles:
+            logits = predict(state.roles[role].variables, shown)
+            pred = jnp.argmax(images.resize_bilinear(logits, shown.shape[1:3]), axis=-1)
+            out["train/source_label"] = labels.colorize(label[:max_images], xp=jnp)
+            out["train/source_prediction"] = labels.colorize(pred, xp=jnp)
+        return out
+
+    return summaries

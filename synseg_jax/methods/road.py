@@ -138,6 +138,10 @@ def spatial_domain_loss(logits: jax.Array, regions: jax.Array, valid: jax.Array,
 class Road:
     """ROAD-Net: source CE + target-guided distillation + spatial-aware adversarial adaptation."""
 
+    # The method.* fields it reads, declared by configs/road.py.
+    config_fields = ("dist", "dist_domain", "dist_layer", "lambda_dist", "spt", "spt_layer", "grid",
+                     "lambda_spt", "disc_hidden")
+
     def __init__(self, config: ml_collections.ConfigDict):
         me = config.method
         self.seg = base.Segmenter.from_config(config)

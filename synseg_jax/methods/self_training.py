@@ -14,6 +14,7 @@ from synseg_jax.state import TrainState, init_key, new_state
 
 class SelfTraining:
     roles = ("seg",)
+    config_fields = ("lambda_pseudo",)  # declared by configs/self_training.py
 
     def __init__(self, config: ml_collections.ConfigDict):
         if not (config.data.target and config.data.target_labels):
