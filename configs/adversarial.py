@@ -14,6 +14,13 @@ from configs import common
 
 def get_config(arg: str | None = None):
     config = common.base_config()
+    declare(config)
+    return common.finalize(config, arg, {"demo": _demo, "gta5": _paper, "synthia": _paper})
+
+
+def declare(config):
+    """The adversarial method's fields and its discriminators' optimiser (configs that run it
+    in a stage, such as realtime_da.py, declare them so too)."""
     config.method.name = "adversarial"
     m = config.method
     # Outputs with a discriminator each: "logits" (main), "aux_logits" (DeepLabV2 multi-level,
@@ -23,6 +30,8 @@ def get_config(arg: str | None = None):
     m.disc_widths = (64, 128, 256, 512)  # AdaptSegNet's discriminator (Sec. 3.3)
     m.ent_weight = 0.0  # FDA's robust entropy on the target (FDA Eq. 4: 0.005); off in AdaptSegNet
     m.ent_eta = 2.0  # FDA's Charbonnier exponent eta (FDA Sec. 4)
+    # With a pseudo-labelled target (data.target_labels): its CE weight (FDA / BDL: 1).
+    m.lambda_pseudo = 1.0
     # Discriminators: Adam, lr 1e-4, betas (0.9, 0.99), the segmenter's poly decay (AdaptSegNet's
     # code); no weight decay, no head multiplier.
     seg = config.optim.seg
@@ -30,7 +39,6 @@ def get_config(arg: str | None = None):
         kind="adam", lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, head_lr_mult=1.0,
         freeze_bn_affine=False, schedule_steps=seg.get_ref("schedule_steps").identity(),
         poly_power=seg.get_ref("poly_power").identity())
-    return common.finalize(config, arg, {"demo": _demo, "gta5": _paper, "synthia": _paper})
 
 
 def _paper(config):

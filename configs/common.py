@@ -42,7 +42,8 @@ def base_config() -> ml_collections.ConfigDict:
     d.crop = (512, 1024)  # random crop (H, W); () = no crop
     d.scale_range = (1.0, 1.0)  # random rescale factor range before cropping
     d.flip = True  # random horizontal flip, p = 0.5
-    d.jitter_prob = 0.0  # probability of each of contrast / saturation / brightness jitter
+    d.jitter_prob = 0.0  # probability of each jitter op below
+    d.jitter_ops = ("brightness", "contrast", "saturation")  # photometric jitters applied
     d.normalization = "caffe_bgr"  # DeepLab lineage: BGR 0..255 minus mean (docs/reference.md)
     d.eval_size = (512, 1024)  # inference size; logits upsampled to the full label size
     d.eval_batch_size = 1
@@ -150,13 +151,15 @@ def init_section(path: str = "", scope: str = "") -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict({"path": path, "scope": scope})
 
 
-def train_stage(overrides: str = "", init_from: str = "",
-                target_from: str = "") -> ml_collections.ConfigDict:
+def train_stage(overrides: str = "", init_from: str = "", target_from: str = "",
+                lr_mult: float = 1.0) -> ml_collections.ConfigDict:
     """A training stage: the run's config with `overrides` ("key=value,..."); its segmenter
     starts from stage `init_from`'s final one when given; `target_from` names a sweep stage whose
-    dataset becomes the labelled target (data.target, target_labels=True)."""
+    dataset becomes the labelled target (data.target, target_labels=True); `lr_mult` scales
+    every role's learning rate (a fine-tune at half the rates: 0.5)."""
     return ml_collections.ConfigDict({"kind": "train", "overrides": overrides,
-                                      "init_from": init_from, "target_from": target_from})
+                                      "init_from": init_from, "target_from": target_from,
+                                      "lr_mult": lr_mult})
 
 
 def sweep_stage(models: tuple[str, ...] = (), dataset: str = "", split: str = "",
@@ -169,6 +172,12 @@ def sweep_stage(models: tuple[str, ...] = (), dataset: str = "", split: str = ""
     return ml_collections.ConfigDict({
         "kind": "sweep", "models": tuple(models), "dataset": dataset, "split": split,
         "rule": rule, "percentile": percentile, "cap": cap, "threshold": threshold})
+
+
+def ensemble_stage(models: tuple[str, ...] = ()) -> ml_collections.ConfigDict:
+    """Scores the mean softmax of the final segmenters of stages `models` on the eval splits
+    (FDA's multi-band transfer). A sweep stage may name it among its models."""
+    return ml_collections.ConfigDict({"kind": "ensemble", "models": tuple(models)})
 
 
 def _demo(c: ml_collections.ConfigDict) -> None:

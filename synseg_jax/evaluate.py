@@ -11,7 +11,7 @@ import json
 import re
 import logging
 import os
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +27,27 @@ def make_eval_step(predict: Callable, num_classes: int) -> Callable:
         logits = predict(variables, batch["image"])
         logits = images.resize_bilinear(logits, batch["label"].shape[1:3])
         pred = jnp.argmax(logits, axis=-1)
+        return metrics.confusion_matrix(pred, batch["label"], num_classes, mask=batch["mask"])
+
+    return step
+
+
+def mean_softmax(predicts: Sequence[Callable], variables: Sequence, x: jax.Array,
+                 size: tuple[int, int]) -> jax.Array:
+    """An ensemble's prediction: each member's logits upsampled to `size`, softmaxed, averaged
+    (FDA's multi-band transfer fuses its models so)."""
+    probs = [jax.nn.softmax(images.resize_bilinear(predict(v, x), size), axis=-1)
+             for predict, v in zip(predicts, variables)]
+    return sum(probs) / len(probs)
+
+
+def make_ensemble_eval_step(predicts: Sequence[Callable], num_classes: int) -> Callable:
+    """(tuple of member variables, batch) -> confusion of the ensemble's mean softmax, taken at
+    full label resolution."""
+
+    def step(variables, batch):
+        probs = mean_softmax(predicts, variables, batch["image"], batch["label"].shape[1:3])
+        pred = jnp.argmax(probs, axis=-1)
         return metrics.confusion_matrix(pred, batch["label"], num_classes, mask=batch["mask"])
 
     return step
@@ -131,3 +152,26 @@ def _lookup(tree: dict, dotted: str):
     for key in dotted.split("."):
         tree = tree.get(key) if isinstance(tree, dict) else None
     return tree
+
+
+def write_summary(workdir: str) -> None:
+    """eval/summary.json: for each split, the last and the best evaluated step (say which!)."""
+    directory = os.path.join(workdir, "eval")
+    history: dict[str, list[tuple[int, float]]] = {}
+    for name in sorted(os.listdir(directory)):
+        if name.endswith(".json") and name != "summary.json":
+            with open(os.path.join(directory, name)) as f:
+                record = json.load(f)
+            if record.get("variant"):  # --mode=eval with other settings: not this run's curve
+                continue
+            history.setdefault(record["split"], []).append((record["step"], record["miou_19"]))
+    summary = {}
+    for split, points in history.items():
+        points.sort()
+        valid = [p for p in points if p[1] is not None]
+        best = max(valid, key=lambda p: p[1]) if valid else (None, None)
+        summary[split] = {"last": {"step": points[-1][0], "miou_19": points[-1][1]},
+                          "best": {"step": best[0], "miou_19": best[1]},
+                          "note": "best is selected on this split itself: an optimistic figure"}
+    with open(os.path.join(directory, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)

@@ -30,14 +30,21 @@ def open_split(data: ml_collections.ConfigDict, name: str, split: str,
         with_names=with_names, decode=decode)
 
 
+JITTER_OPS = ("brightness", "contrast", "saturation")
+
+
 def augment_config(data: ml_collections.ConfigDict, resize) -> pipeline.AugmentConfig:
+    unknown = [op for op in data.jitter_ops if op not in JITTER_OPS]
+    if unknown:
+        raise ValueError(f"data.jitter_ops: unknown {unknown}; valid: {JITTER_OPS}")
+    probs = {f"{op}_prob": (data.jitter_prob if op in data.jitter_ops else 0.0)
+             for op in JITTER_OPS}
     return pipeline.AugmentConfig(
         resize=tuple(resize) or None,
         scale_range=tuple(data.scale_range),
         crop=tuple(data.crop) or None,
         flip_prob=0.5 if data.flip else 0.0,
-        jitter=pipeline.Jitter(brightness_prob=data.jitter_prob, contrast_prob=data.jitter_prob,
-                               saturation_prob=data.jitter_prob) if data.jitter_prob else None,
+        jitter=pipeline.Jitter(**probs) if data.jitter_prob and data.jitter_ops else None,
         normalization=data.normalization,
     )
 

@@ -16,8 +16,8 @@ import os
 import jax
 import ml_collections
 
-from synseg_jax import (checkpoint, config_keys, evaluate, locks, methods, metrics, paths,
-                        pseudo_labels, sweep, train)
+from synseg_jax import (checkpoint, config_keys, evaluate, inputs, locks, methods, metrics,
+                        parallel, paths, pseudo_labels, sweep, train)
 from synseg_jax.methods import base
 from synseg_jax.models import segmenters
 
@@ -137,6 +137,12 @@ def stage_config(config: ml_collections.ConfigDict, workdir: str,
             _check_earlier(config, name, stage.init_from, "train")
             out.init.seg.path = os.path.join(workdir, stage.init_from, "final_weights")
             out.init.seg.scope = ""
+        if stage.lr_mult != 1.0:
+            rates = {role: out.optim[role].lr for role in out.optim}
+            for role, rate in rates.items():
+                # A role whose lr follows another's (ROAD's disc) has moved with it already.
+                if out.optim[role].lr == rate:
+                    out.optim[role].lr = rate * stage.lr_mult
         if stage.target_from:
             _check_earlier(config, name, stage.target_from, "sweep")
             out.data.target = sweep.dataset_name(os.path.join(workdir, stage.target_from))
@@ -155,14 +161,15 @@ def stage_names(config: ml_collections.ConfigDict) -> list[str]:
     return order
 
 
-def _check_earlier(config, name: str, other: str, kind: str) -> None:
+def _check_earlier(config, name: str, other: str, kind: str | tuple[str, ...]) -> None:
     order = stage_names(config)
     if other not in order or order.index(other) >= order.index(name):
         raise ValueError(f"Stage {name!r} reads stage {other!r}, which is not an earlier stage "
                          f"(stages in order: {order})")
-    if config.stages[other].kind != kind:
-        raise ValueError(f"Stage {name!r} reads stage {other!r} as a {kind} stage, but it is a "
-                         f"{config.stages[other].kind} stage")
+    kinds = (kind,) if isinstance(kind, str) else kind
+    if config.stages[other].kind not in kinds:
+        raise ValueError(f"Stage {name!r} reads stage {other!r} as a {' or '.join(kinds)} "
+                         f"stage, but it is a {config.stages[other].kind} stage")
 
 
 def _run_train_stage(config, workdir: str, name: str, allow_config_change: bool) -> dict:
@@ -174,16 +181,59 @@ def _run_train_stage(config, workdir: str, name: str, allow_config_change: bool)
     return {k: v.miou_19 for k, v in results.items()}
 
 
-def _run_sweep_stage(config, workdir: str, name: str) -> dict:
+def _members(config, workdir: str, name: str) -> tuple[list[sweep.Model], ml_collections.ConfigDict]:
+    """The final segmenters of the earlier stages that stage `name` names (an ensemble stage
+    stands for its members), and the first member's config. Members must agree on what their
+    outputs mean and how their inputs are made: class count and normalisation."""
     stage = config.stages[name]
     if not stage.models:
-        raise ValueError(f"Sweep stage {name!r} names no models (stages.{name}.models)")
+        raise ValueError(f"Stage {name!r} names no models (stages.{name}.models)")
+    names = []
+    for other in stage.models:
+        _check_earlier(config, name, other, ("train", "ensemble"))
+        names += (list(config.stages[other].models) if config.stages[other].kind == "ensemble"
+                  else [other])
+    configs = [stage_config(config, workdir, member) for member in names]
+    first = configs[0]
+    for member, cfg in zip(names, configs):
+        for key in ("model.num_classes", "data.normalization"):
+            section, field = key.split(".")
+            if cfg[section][field] != first[section][field]:
+                raise ValueError(
+                    f"Stage {name!r}: member {member!r} has {key}={cfg[section][field]!r}, but "
+                    f"member {names[0]!r} has {first[section][field]!r}; an ensemble averages "
+                    "the softmax of models that agree on both")
     models = []
-    for model_stage in stage.models:
-        _check_earlier(config, name, model_stage, "train")
-        cfg = stage_config(config, workdir, model_stage)
-        params, collections = evaluate.restore_seg(cfg, os.path.join(workdir, model_stage))
+    for member, cfg in zip(names, configs):
+        params, collections = evaluate.restore_seg(cfg, os.path.join(workdir, member))
         models.append((methods.build(cfg).predict, {"params": params, **collections}))
+    return models, first
+
+
+def _run_ensemble_stage(config, workdir: str, name: str) -> dict:
+    """Scores the mean softmax of the members (FDA's multi-band transfer) on the eval splits;
+    results land in <workdir>/<name>/eval like a train stage's, at step `train.steps`."""
+    models, member_config = _members(config, workdir, name)
+    mesh = parallel.make_mesh()
+    variables = jax.device_put(tuple(v for _, v in models), parallel.replicated(mesh))
+    eval_step = jax.jit(evaluate.make_ensemble_eval_step([p for p, _ in models],
+                                                         member_config.model.num_classes))
+    stage_dir = os.path.join(workdir, name)
+    summary = {}
+    for dataset, split in inputs.eval_targets(member_config):
+        scores = evaluate.evaluate(eval_step, variables,
+                                   inputs.eval_batches(member_config, mesh, dataset, split))
+        evaluate.write_results(stage_dir, f"{dataset}/{split}", member_config.train.steps, scores)
+        print(f"\n{name}: {dataset}/{split}\n\n{metrics.markdown_table(scores)}", flush=True)
+        summary[f"{dataset}/{split}"] = scores.miou_19
+    if jax.process_index() == 0:
+        evaluate.write_summary(stage_dir)
+    return summary
+
+
+def _run_sweep_stage(config, workdir: str, name: str) -> dict:
+    stage = config.stages[name]
+    models, _ = _members(config, workdir, name)
     params = {"percentile": stage.percentile, "cap": stage.cap}
     if stage.rule == "class_median":
         params = {"cap": stage.cap}
@@ -215,9 +265,11 @@ def run_stages(config: ml_collections.ConfigDict, workdir: str,
             summary = _run_train_stage(config, workdir, name, allow_config_change)
         elif stage.kind == "sweep":
             summary = _run_sweep_stage(config, workdir, name)
+        elif stage.kind == "ensemble":
+            summary = _run_ensemble_stage(config, workdir, name)
         else:
-            raise ValueError(f"Stage {name!r} has kind {stage.kind!r}; expected 'train' or "
-                             "'sweep'")
+            raise ValueError(f"Stage {name!r} has kind {stage.kind!r}; expected 'train', "
+                             "'sweep' or 'ensemble'")
         if jax.process_index() == 0:
             with open(done, "w") as f:
                 json.dump(summary, f, indent=2)

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from synseg_jax import images, inputs, pseudo_labels
+from synseg_jax import evaluate, images, inputs, pseudo_labels
 from synseg_jax.data import datasets, labels
 from synseg_jax.data.builders import derived
 
@@ -43,9 +43,8 @@ def make_probabilities(models: Sequence[Model], input_size: tuple[int, int] | No
         if input_size:
             x = images.resize_bilinear(x, input_size)
         x = images.normalize(x, normalization)
-        probs = [jax.nn.softmax(images.resize_bilinear(predict(variables, x), out_hw), axis=-1)
-                 for predict, variables in models]
-        return (sum(probs) / len(probs))[0]
+        return evaluate.mean_softmax([p for p, _ in models], [v for _, v in models], x,
+                                     out_hw)[0]
 
     return probabilities
 

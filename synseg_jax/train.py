@@ -231,7 +231,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     if start_step >= total_steps:
         logging.info("Nothing to train: %s already holds step %d", ckpt.directory, start_step)
     if results and jax.process_index() == 0:
-        _write_summary(workdir)
+        evaluate.write_summary(workdir)
     return results
 
 
@@ -296,26 +296,3 @@ def _log_progress(writer, step: int, host: dict[str, float], total: int, since: 
     losses = ", ".join(f"{k}={v:.4f}" for k, v in sorted(host.items()) if k.startswith("loss/"))
     logging.info("step %d/%d  %s  %.2f steps/s  ETA %s", step, total, losses, rate,
                  time.strftime("%H:%M:%S", time.gmtime(eta)) if math.isfinite(eta) else "?")
-
-
-def _write_summary(workdir: str) -> None:
-    """eval/summary.json: for each split, the last and the best evaluated step (say which!)."""
-    directory = os.path.join(workdir, "eval")
-    history: dict[str, list[tuple[int, float]]] = {}
-    for name in sorted(os.listdir(directory)):
-        if name.endswith(".json") and name != "summary.json":
-            with open(os.path.join(directory, name)) as f:
-                record = json.load(f)
-            if record.get("variant"):  # --mode=eval with other settings: not this run's curve
-                continue
-            history.setdefault(record["split"], []).append((record["step"], record["miou_19"]))
-    summary = {}
-    for split, points in history.items():
-        points.sort()
-        valid = [p for p in points if p[1] is not None]
-        best = max(valid, key=lambda p: p[1]) if valid else (None, None)
-        summary[split] = {"last": {"step": points[-1][0], "miou_19": points[-1][1]},
-                          "best": {"step": best[0], "miou_19": best[1]},
-                          "note": "best is selected on this split itself: an optimistic figure"}
-    with open(os.path.join(directory, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)

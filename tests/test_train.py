@@ -92,7 +92,7 @@ def test_eval_mode_with_other_settings_keeps_training_time_results(finished_run)
         record = json.load(f)
     assert record["variant"] == "eval_size-16x32"
     assert record["miou_19"] == pytest.approx(scores.miou_19)
-    train._write_summary(workdir)  # the run's summary ignores other-settings results
+    evaluate.write_summary(workdir)  # the run's summary ignores other-settings results
     with open(os.path.join(workdir, "eval", "summary.json")) as f:
         assert json.load(f)["minicity/real_val"]["last"]["miou_19"] == json.loads(
             at_train_time)["miou_19"]

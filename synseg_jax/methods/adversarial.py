@@ -6,8 +6,9 @@ its own optax state from ``optim.disc``. Outputs are upsampled to their input im
 softmaxed before a discriminator sees them, as in AdaptSegNet. One jitted step does both updates:
 
 1. the segmenter minimises L_seg(source) + sum_l lambda_adv[l] * BCE(D_l(P_t^l), source label)
-   (plus, optionally, FDA's robust entropy of the target prediction, weight ``ent_weight``);
-   the discriminators are constants here;
+   (plus, optionally, FDA's robust entropy of the target prediction, weight ``ent_weight``, and,
+   when the target is pseudo-labelled, ``lambda_pseudo`` x its segmentation loss: the
+   self-training round of FDA and real-time DA); the discriminators are constants here;
 2. each discriminator minimises 1/2 BCE(D_l(P_s^l), source) + 1/2 BCE(D_l(P_t^l), target) on the
    same step's predictions with their gradients stopped (AdaptSegNet's detached predictions).
 
@@ -42,7 +43,8 @@ def probabilities(logits: jax.Array, size: tuple[int, int]) -> jax.Array:
 class Adversarial:
     """Segmenter + output-space discriminators, trained as a min-max in one step."""
 
-    config_fields = ("adv_outputs", "lambda_adv", "disc_widths", "ent_weight", "ent_eta")
+    config_fields = ("adv_outputs", "lambda_adv", "disc_widths", "ent_weight", "ent_eta",
+                     "lambda_pseudo")
 
     def __init__(self, config: ml_collections.ConfigDict):
         me = config.method
@@ -62,6 +64,8 @@ class Adversarial:
         self.disc = OutputDiscriminator(tuple(me.disc_widths))
         self.disc_opt = base.role_optimizer(config.optim, "disc")
         self.ent_weight, self.ent_eta = float(me.ent_weight), float(me.ent_eta)
+        # A pseudo-labelled target (a sweep stage's dataset, data.target_labels) adds its CE.
+        self.lambda_pseudo = float(me.lambda_pseudo) if config.data.target_labels else 0.0
         self.normalization = config.data.normalization
         self.disc_roles = tuple(DISC_ROLES[o] for o in self.outputs)
         self.roles = ("seg",) + self.disc_roles
@@ -97,6 +101,10 @@ class Adversarial:
                                           seg_params, target["image"], train=True,
                                           update_stats=self.seg.updates_stats("target"),
                                           rng=state.step_rng("dropout_target"))
+        if self.lambda_pseudo:
+            pseudo, pseudo_terms = base.supervised_loss(out_t, target["label"], self.seg.aux_weight)
+            terms["loss/pseudo"] = pseudo_terms["loss/seg"]
+            total = total + self.lambda_pseudo * pseudo
         probs = {}
         for output, role, lam in zip(self.outputs, self.disc_roles, self.lambdas):
             p_s = probabilities(out_s[output], source["image"].shape[1:3])
