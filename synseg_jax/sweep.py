@@ -69,6 +69,15 @@ def pseudo_label(config, models: Sequence[Model], dataset: str, split: str, fold
     downstream reads those labels)."""
     if jax.process_count() != 1:
         raise NotImplementedError("pseudo-label sweeps run in a single process for now")
+    report_path = os.path.join(folder, "report.json")
+    if os.path.isdir(os.path.join(folder, derived.Derived.name)):
+        if os.path.exists(report_path):  # finished before a kill: keep it, sweep nothing again
+            logging.info("Pseudo-labels already written to %s; reusing them", folder)
+            with open(report_path) as f:
+                return json.load(f)
+        raise FileExistsError(f"{folder} already holds a pseudo-labelled dataset without its "
+                              "report (an interrupted sweep?); it is not overwritten: remove "
+                              f"{os.path.join(folder, derived.Derived.name)} to sweep again")
     data = config.data
     num_classes = config.model.num_classes
     probabilities = make_probabilities(models, tuple(data.target_resize) or None,
@@ -82,6 +91,7 @@ def pseudo_label(config, models: Sequence[Model], dataset: str, split: str, fold
                                  num_classes)
     counts = None
     written = 0
+    has_labels = False
 
     def labelled():
         nonlocal counts, written
@@ -89,6 +99,12 @@ def pseudo_label(config, models: Sequence[Model], dataset: str, split: str, fold
             pseudo = np.asarray(pseudo_labels.select(probabilities(example["image"]),
                                                      thresholds))
             if example["gt"] is not None:
+                if not has_labels:
+                    has_labels = True
+                    logging.warning(
+                        "%s/%s has labels of its own: they are read only for the precision and "
+                        "coverage report; the pseudo-labels go to a new dataset in %s, and %s/%s "
+                        "is not changed", dataset, split, folder, dataset, split)
                 batch = pseudo_labels.precision_coverage(pseudo, example["gt"], num_classes)
                 counts = batch if counts is None else pseudo_labels.add_counts(counts, batch)
             written += 1
@@ -109,7 +125,7 @@ def pseudo_label(config, models: Sequence[Model], dataset: str, split: str, fold
         report["precision"] = _finite(np.sum(counts.correct) / max(selected, 1))
         report["coverage"] = _finite(np.sum(counts.selected_with_gt)
                                      / max(int(np.sum(counts.gt_total)), 1))
-    with open(os.path.join(folder, "report.json"), "w") as f:
+    with open(report_path, "w") as f:
         json.dump(report, f, indent=2)
     logging.info("Pseudo-labelled %d images of %s/%s into %s", written, dataset, split, folder)
     return report

@@ -98,3 +98,16 @@ def test_stage_links_are_checked(data_dir, tmp_path):
         config.stage_order = ("source", "adapt")
     with pytest.raises(ValueError, match="must name every stage"):
         recipe.stage_names(config)
+
+
+def test_a_sweep_never_overwrites_a_dataset_that_exists(tmp_path):
+    """Finished (dataset and report): reused. Dataset without report: an error naming it."""
+    folder = tmp_path / "pseudo"
+    (folder / "derived" / "1.0.0").mkdir(parents=True)
+    rule = sweep.pseudo_labels.make_rule("flat", threshold=0.9)
+    with pytest.raises(FileExistsError, match=r"not overwritten: remove .*pseudo/derived"):
+        sweep.pseudo_label(None, [], "minicity", "real_train", str(folder), rule)
+    (folder / "report.json").write_text(json.dumps({"examples": 3}))
+    assert sweep.pseudo_label(None, [], "minicity", "real_train", str(folder), rule) == {
+        "examples": 3}
+    assert sorted(os.listdir(folder / "derived")) == ["1.0.0"]
