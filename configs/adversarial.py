@@ -44,6 +44,7 @@ def declare(config):
 def _paper(config):
     """AdaptSegNet multi-level: DeepLabV2-R101 with a second classifier on layer 3."""
     config.model.multi_level = True
+    config.model.align_corners = True  # AdaptSegNet's PyTorch 0.4 code upsamples so
     config.method.adv_outputs = ("logits", "aux_logits")
     config.method.lambda_adv = (1e-3, 2e-4)  # main 1e-3, layer-3 output 2e-4 (Sec. 4.1)
     # L_seg = main + 0.1 x aux: common's method.aux_weight. Whole images, no crop: GTA5 at

@@ -74,6 +74,10 @@ def base_config() -> ml_collections.ConfigDict:
     # True: the AdaptSegNet code's ASPP, which returns after its first two branches (6, 12)
     mo.aspp_two_branch = False
     mo.multi_level = False  # second ASPP on layer3 (AdaptSegNet multi-level)
+    # Bilinear upsampling of logits to the label size in losses, evaluation and export:
+    # False = PyTorch >= 0.4's default (this project's); STDC-Seg's BiSeNet and AdaptSegNet's
+    # PyTorch 0.4 port use True. Each paper preset says which its reference code used.
+    mo.align_corners = False
     mo.bn_mode = "frozen"  # "frozen": running statistics; "train": batch statistics
     mo.bn_update = "source"  # with bn_mode="train": which domains update running stats
 

@@ -56,6 +56,7 @@ def _paper(config):
     """BiSeNet-STDC813 on the paper's subsets: 2,500 GTA5 (or SYNTHIA) images split 80 / 20
     (here the first 2,000 for training), 1,572 Cityscapes train images (the first 1,572)."""
     config.model.name = "bisenet_stdc813"
+    config.model.align_corners = True  # STDC-Seg's BiSeNet upsamples its outputs so
     config.method.aux_weight = 1.0  # BiSeNet's loss sums its three cross-entropies (STDC-Seg)
     d = config.data
     d.normalization = "imagenet_rgb"  # STDC-Seg's input normalisation

@@ -20,12 +20,13 @@ from synseg_jax import checkpoint, images, inputs, methods, metrics, parallel
 from synseg_jax.methods import base
 
 
-def make_eval_step(predict: Callable, num_classes: int) -> Callable:
-    """(seg_variables, batch) -> int32 [C, C] confusion of that batch; padding is masked out."""
+def make_eval_step(predict: Callable, num_classes: int, align_corners: bool = False) -> Callable:
+    """(seg_variables, batch) -> int32 [C, C] confusion of that batch; padding is masked out.
+    Logits are upsampled bilinearly to the label size (`align_corners`: model.align_corners)."""
 
     def step(variables, batch):
         logits = predict(variables, batch["image"])
-        logits = images.resize_bilinear(logits, batch["label"].shape[1:3])
+        logits = images.resize_bilinear(logits, batch["label"].shape[1:3], align_corners)
         pred = jnp.argmax(logits, axis=-1)
         return metrics.confusion_matrix(pred, batch["label"], num_classes, mask=batch["mask"])
 
@@ -33,20 +34,22 @@ def make_eval_step(predict: Callable, num_classes: int) -> Callable:
 
 
 def mean_softmax(predicts: Sequence[Callable], variables: Sequence, x: jax.Array,
-                 size: tuple[int, int]) -> jax.Array:
+                 size: tuple[int, int], align_corners: bool = False) -> jax.Array:
     """An ensemble's prediction: each member's logits upsampled to `size`, softmaxed, averaged
     (FDA's multi-band transfer fuses its models so)."""
-    probs = [jax.nn.softmax(images.resize_bilinear(predict(v, x), size), axis=-1)
+    probs = [jax.nn.softmax(images.resize_bilinear(predict(v, x), size, align_corners), axis=-1)
              for predict, v in zip(predicts, variables)]
     return sum(probs) / len(probs)
 
 
-def make_ensemble_eval_step(predicts: Sequence[Callable], num_classes: int) -> Callable:
+def make_ensemble_eval_step(predicts: Sequence[Callable], num_classes: int,
+                            align_corners: bool = False) -> Callable:
     """(tuple of member variables, batch) -> confusion of the ensemble's mean softmax, taken at
     full label resolution."""
 
     def step(variables, batch):
-        probs = mean_softmax(predicts, variables, batch["image"], batch["label"].shape[1:3])
+        probs = mean_softmax(predicts, variables, batch["image"], batch["label"].shape[1:3],
+                             align_corners)
         pred = jnp.argmax(probs, axis=-1)
         return metrics.confusion_matrix(pred, batch["label"], num_classes, mask=batch["mask"])
 
@@ -116,7 +119,8 @@ def evaluate_checkpoint(config, workdir: str, step: int | None = None
     params, collections = restore_seg(config, workdir, step)
     variables = jax.device_put({"params": params, **collections}, parallel.replicated(mesh))
     method = methods.build(config)
-    eval_step = jax.jit(make_eval_step(method.predict, config.model.num_classes))
+    eval_step = jax.jit(make_eval_step(method.predict, config.model.num_classes,
+                                       config.model.align_corners))
     variant = evaluation_variant(workdir, config)
     results = {}
     for name, split in inputs.eval_targets(config):
@@ -127,7 +131,8 @@ def evaluate_checkpoint(config, workdir: str, step: int | None = None
 
 
 # Settings that change an evaluation's numbers (the model and checkpoint aside).
-EVAL_SETTINGS = ("data.eval_size", "data.normalization", "data.data_dir", "data.minicity")
+EVAL_SETTINGS = ("data.eval_size", "data.normalization", "data.data_dir", "data.minicity",
+                 "model.align_corners")
 
 
 def evaluation_variant(workdir: str, config) -> str:

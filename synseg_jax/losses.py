@@ -27,7 +27,7 @@ __all__ = [
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, ignore_index: int = IGNORE_LABEL,
-                  upsample: bool = True) -> jax.Array:
+                  upsample: bool = True, align_corners: bool = False) -> jax.Array:
     """Mean softmax cross-entropy over the pixels whose label is a class.
 
     Args:
@@ -37,6 +37,7 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, ignore_index: int = IGNO
       upsample: when the sizes differ, True resizes the logits bilinearly to the label size (the
         DeepLab-lineage reference code); False resizes the labels to the logit size with nearest
         neighbour instead (cheaper at full resolution, slightly different numbers).
+      align_corners: the bilinear upsampling's convention (``images.resize_bilinear``).
 
     Returns 0 (and zero gradients) when no pixel is counted, never nan: a crop that lands entirely
     on void happens in GTA5 and must not poison the update.
@@ -48,7 +49,7 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, ignore_index: int = IGNO
     logits = logits.astype(jnp.float32)
     if logits.shape[1:3] != labels.shape[1:3]:
         if upsample:
-            logits = images.resize_bilinear(logits, labels.shape[1:3])
+            logits = images.resize_bilinear(logits, labels.shape[1:3], align_corners)
         else:
             labels = images.resize_nearest(labels, logits.shape[1:3], half_pixel=True)
     labels = labels.astype(jnp.int32)

@@ -74,12 +74,12 @@ def write_prediction(out_dir: str, name: str, train_ids: np.ndarray,
     return path
 
 
-def make_predict_step(predict: Callable) -> Callable:
+def make_predict_step(predict: Callable, align_corners: bool = False) -> Callable:
     """(seg_variables, batch) -> uint8 trainIds [B, H, W] at the label's size (jit it)."""
 
     def step(variables, batch):
         logits = predict(variables, batch[pipeline.IMAGE])
-        logits = images.resize_bilinear(logits, batch[pipeline.LABEL].shape[1:3])
+        logits = images.resize_bilinear(logits, batch[pipeline.LABEL].shape[1:3], align_corners)
         return jnp.argmax(logits, axis=-1).astype(jnp.uint8)
 
     return step
@@ -145,7 +145,7 @@ def export_split(config, predict: Callable, variables, dataset: str, split: str,
                               table=opened.label_table, image_size=tuple(data.eval_size) or None,
                               normalization=data.normalization, name=opened.description)
     batches = pipeline.HostIterator(ds, name=opened.description)
-    step = jax.jit(make_predict_step(predict))
+    step = jax.jit(make_predict_step(predict, config.model.align_corners))
     written = export_batches(step, variables, batches, opened.num_examples, out_dir, colour_dir)
     logging.info("Wrote %d predictions of %s to %s", len(written), opened.description, out_dir)
     return written
@@ -195,7 +195,8 @@ def export_folder(config, predict: Callable, variables, folder: str, out_dir: st
     eval_size = tuple(data.eval_size) or None
 
     def step(variables, image, out_hw):
-        logits = images.resize_bilinear(predict(variables, image), out_hw)
+        logits = images.resize_bilinear(predict(variables, image), out_hw,
+                                        config.model.align_corners)
         return jnp.argmax(logits, axis=-1).astype(jnp.uint8)
 
     step = jax.jit(step, static_argnums=2)  # compiled once per distinct image size

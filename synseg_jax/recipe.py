@@ -196,7 +196,7 @@ def _members(config, workdir: str, name: str) -> tuple[list[sweep.Model], ml_col
     configs = [stage_config(config, workdir, member) for member in names]
     first = configs[0]
     for member, cfg in zip(names, configs):
-        for key in ("model.num_classes", "data.normalization"):
+        for key in ("model.num_classes", "data.normalization", "model.align_corners"):
             section, field = key.split(".")
             if cfg[section][field] != first[section][field]:
                 raise ValueError(
@@ -216,8 +216,8 @@ def _run_ensemble_stage(config, workdir: str, name: str) -> dict:
     models, member_config = _members(config, workdir, name)
     mesh = parallel.make_mesh()
     variables = jax.device_put(tuple(v for _, v in models), parallel.replicated(mesh))
-    eval_step = jax.jit(evaluate.make_ensemble_eval_step([p for p, _ in models],
-                                                         member_config.model.num_classes))
+    eval_step = jax.jit(evaluate.make_ensemble_eval_step(
+        [p for p, _ in models], member_config.model.num_classes, member_config.model.align_corners))
     stage_dir = os.path.join(workdir, name)
     summary = {}
     for dataset, split in inputs.eval_targets(member_config):

@@ -33,7 +33,7 @@ Model = tuple[Callable, dict]  # (predict, variables)
 
 
 def make_probabilities(models: Sequence[Model], input_size: tuple[int, int] | None,
-                       normalization: str) -> Callable:
+                       normalization: str, align_corners: bool = False) -> Callable:
     """(uint8 image [H, W, 3]) -> mean softmax over `models`, float32 [H, W, C] (jitted)."""
 
     @jax.jit
@@ -44,7 +44,7 @@ def make_probabilities(models: Sequence[Model], input_size: tuple[int, int] | No
             x = images.resize_bilinear(x, input_size)
         x = images.normalize(x, normalization)
         return evaluate.mean_softmax([p for p, _ in models], [v for _, v in models], x,
-                                     out_hw)[0]
+                                     out_hw, align_corners)[0]
 
     return probabilities
 
@@ -81,7 +81,7 @@ def pseudo_label(config, models: Sequence[Model], dataset: str, split: str, fold
     data = config.data
     num_classes = config.model.num_classes
     probabilities = make_probabilities(models, tuple(data.target_resize) or None,
-                                       data.normalization)
+                                       data.normalization, config.model.align_corners)
     histogram = None
     if rule.needs_statistics:
         histogram = pseudo_labels.empty_histogram(num_classes, num_bins)
@@ -91,7 +91,6 @@ def pseudo_label(config, models: Sequence[Model], dataset: str, split: str, fold
                                  num_classes)
     counts = None
     written = 0
-    has_labels = False
 
     def labelled():
         nonlocal counts, written
@@ -99,8 +98,7 @@ def pseudo_label(config, models: Sequence[Model], dataset: str, split: str, fold
             pseudo = np.asarray(pseudo_labels.select(probabilities(example["image"]),
                                                      thresholds))
             if example["gt"] is not None:
-                if not has_labels:
-                    has_labels = True
+                if counts is None:  # the first labelled example
                     logging.warning(
                         "%s/%s has labels of its own: they are read only for the precision and "
                         "coverage report; the pseudo-labels go to a new dataset in %s, and %s/%s "

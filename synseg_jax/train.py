@@ -171,7 +171,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     train_step = jax.jit(with_input_transform(method.train_step, config), donate_argnums=(0,),
                          in_shardings=(repl, data_sharding), out_shardings=(repl, repl))
     eval_role = base.eval_role_of(method)
-    eval_step = jax.jit(evaluate.make_eval_step(method.predict, config.model.num_classes))
+    eval_step = jax.jit(evaluate.make_eval_step(method.predict, config.model.num_classes,
+                                                config.model.align_corners))
     eval_targets = (inputs.eval_targets(config)
                     if config.data.eval_dataset and eval_role is not None else [])
     summaries = summaries_of(method, config.data.normalization)

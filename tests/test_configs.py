@@ -162,3 +162,10 @@ def test_a_model_field_the_segmenter_does_not_take_is_an_error_not_ignored():
         config.stages.adapt.overrides += ",model.depth=50"
     with pytest.raises(ValueError, match=r"model.depth is set, but segmenter 'bisenet_stdc813'"):
         recipe.stage_config(config, "/tmp/w", "adapt")
+
+
+def test_each_paper_preset_names_its_upsampling_convention():
+    """STDC-Seg's BiSeNet and AdaptSegNet's PyTorch 0.4 code upsample with align_corners=True."""
+    assert load_config_file(os.path.join(CONFIG_DIR, "realtime_da.py"), "gta5").model.align_corners
+    assert load_config_file(os.path.join(CONFIG_DIR, "adversarial.py"), "gta5").model.align_corners
+    assert not load_config_file(os.path.join(CONFIG_DIR, "source_only.py"), "demo").model.align_corners

@@ -167,3 +167,15 @@ def test_losses_jit():
     labels = jnp.zeros((1, 4, 4), jnp.int32)
     assert math.isclose(float(jax.jit(losses.cross_entropy)(logits, labels)), math.log(3),
                         rel_tol=1e-6)
+
+
+def test_cross_entropy_upsamples_with_the_chosen_corner_convention():
+    rng = np.random.default_rng(0)
+    logits = jnp.asarray(rng.normal(size=(2, 5, 7, 4)) * 3, jnp.float32)
+    labels = jnp.asarray(rng.integers(0, 4, (2, 17, 25)), jnp.int32)
+    for corners in (False, True):
+        want = losses.cross_entropy(images.resize_bilinear(logits, (17, 25), corners), labels)
+        got = losses.cross_entropy(logits, labels, align_corners=corners)
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+    assert abs(float(losses.cross_entropy(logits, labels, align_corners=True))
+               - float(losses.cross_entropy(logits, labels))) > 1e-3

@@ -35,9 +35,11 @@ DISC_ROLES = {"logits": "disc", "aux_logits": "disc_aux", "aux_logits2": "disc_a
 OUTPUTS = tuple(DISC_ROLES)
 
 
-def probabilities(logits: jax.Array, size: tuple[int, int]) -> jax.Array:
+def probabilities(logits: jax.Array, size: tuple[int, int], align_corners: bool = False
+                  ) -> jax.Array:
     """What a discriminator sees: the softmax of logits upsampled to the image size."""
-    return jax.nn.softmax(images.resize_bilinear(logits.astype(jnp.float32), size), axis=-1)
+    return jax.nn.softmax(images.resize_bilinear(logits.astype(jnp.float32), size, align_corners),
+                          axis=-1)
 
 
 class Adversarial:
@@ -96,19 +98,20 @@ class Adversarial:
                                           train=True,
                                           update_stats=self.seg.updates_stats("source"),
                                           rng=state.step_rng("dropout"))
-        total, terms = base.supervised_loss(out_s, source["label"], self.seg.aux_weight)
+        total, terms = self.seg.loss(out_s, source["label"])
         out_t, collections = base.forward(self.model, seg.replace(collections=collections),
                                           seg_params, target["image"], train=True,
                                           update_stats=self.seg.updates_stats("target"),
                                           rng=state.step_rng("dropout_target"))
         if self.lambda_pseudo:
-            pseudo, pseudo_terms = base.supervised_loss(out_t, target["label"], self.seg.aux_weight)
-            terms["loss/pseudo"] = pseudo_terms["loss/seg"]
+            pseudo, pseudo_terms = self.seg.loss(out_t, target["label"])
+            terms.update({k.replace("loss/seg", "loss/pseudo"): v
+                          for k, v in pseudo_terms.items()})
             total = total + self.lambda_pseudo * pseudo
         probs = {}
         for output, role, lam in zip(self.outputs, self.disc_roles, self.lambdas):
-            p_s = probabilities(out_s[output], source["image"].shape[1:3])
-            p_t = probabilities(out_t[output], target["image"].shape[1:3])
+            p_s = probabilities(out_s[output], source["image"].shape[1:3], self.seg.align_corners)
+            p_t = probabilities(out_t[output], target["image"].shape[1:3], self.seg.align_corners)
             fooled = self.disc.apply({"params": state.roles[role].params}, p_t)
             adv = losses.bce_with_logits(fooled, SOURCE_LABEL)
             terms["loss/adv" + role[len("disc"):]] = adv
@@ -116,7 +119,8 @@ class Adversarial:
             probs[role] = (jax.lax.stop_gradient(p_s), jax.lax.stop_gradient(p_t))
         if self.ent_weight:
             ent = losses.robust_entropy(
-                images.resize_bilinear(out_t["logits"], target["image"].shape[1:3]), self.ent_eta)
+                images.resize_bilinear(out_t["logits"], target["image"].shape[1:3],
+                                       self.seg.align_corners), self.ent_eta)
             terms["loss/entropy"] = ent
             total = total + self.ent_weight * ent
         terms["loss/total"] = total
@@ -158,7 +162,7 @@ class Adversarial:
         out = base.segmentation_summaries(self.predict, "seg", self.normalization)(state, batch)
         logits = self.predict(state.roles["seg"].variables, shown)
         d = self.disc.apply({"params": state.roles[self.disc_roles[0]].params},
-                            probabilities(logits, shown.shape[1:3]))
+                            probabilities(logits, shown.shape[1:3], self.seg.align_corners))
         gray = images.resize_nearest(jax.nn.sigmoid(d), shown.shape[1:3])
         out["train/target_image"] = images.to_uint8(shown, self.normalization, xp=jnp)
         out["train/target_disc_map"] = jnp.repeat(

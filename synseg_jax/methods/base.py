@@ -159,12 +159,18 @@ class Segmenter:
     aux_weight: float
     bn_update: str
     init_scope: str
+    align_corners: bool = False  # how logits are upsampled to label size (model.align_corners)
 
     @classmethod
     def from_config(cls, config: ml_collections.ConfigDict) -> "Segmenter":
         updates_stats(config.model.bn_update, "source")  # validates the setting
         return cls(segmenter_from_config(config.model), role_optimizer(config.optim, "seg"),
-                   config.method.aux_weight, config.model.bn_update, config.init.seg.scope)
+                   config.method.aux_weight, config.model.bn_update, config.init.seg.scope,
+                   config.model.align_corners)
+
+    def loss(self, out: dict, labels: jax.Array) -> tuple[jax.Array, dict]:
+        """The supervised loss of every output (see `supervised_loss`) on `labels`."""
+        return supervised_loss(out, labels, self.aux_weight, self.align_corners)
 
     def init_role(self, rng: jax.Array, sample: jax.Array, pretrained: dict) -> RoleState:
         """The `seg` role: fresh init, then `pretrained["seg"]` under its scope when given."""
@@ -185,17 +191,18 @@ def init_segmenter(module: nn.Module, rng: jax.Array, sample: jax.Array,
     return with_pretrained(init_role(module, rng, sample, tx), pretrained, scope, tx)
 
 
-def supervised_loss(out: dict, labels: jax.Array, aux_weight: float) -> tuple[jax.Array, dict]:
+def supervised_loss(out: dict, labels: jax.Array, aux_weight: float,
+                    align_corners: bool = False) -> tuple[jax.Array, dict]:
     """Cross-entropy on "logits" plus `aux_weight` x that of every auxiliary output.
 
     Every "aux_logits*" output counts: DeepLabV2 multi-level and PSPNet have one ("aux_logits",
     logged as loss/seg_aux), BiSeNet two ("aux_logits2" too, loss/seg_aux2), which its reference
     code adds with weight 1.
     """
-    total = losses.cross_entropy(out["logits"], labels)
+    total = losses.cross_entropy(out["logits"], labels, align_corners=align_corners)
     terms = {"loss/seg": total}
     for key in sorted(k for k in out if k.startswith("aux_logits")):
-        aux = losses.cross_entropy(out[key], labels)
+        aux = losses.cross_entropy(out[key], labels, align_corners=align_corners)
         terms["loss/seg_" + key.replace("_logits", "")] = aux
         total = total + aux_weight * aux
     return total, terms

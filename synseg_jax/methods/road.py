@@ -228,7 +228,7 @@ class Road:
         out_s, collections = base.forward(self.model, seg, seg_params, source["image"], train=True,
                                           update_stats=self.seg.updates_stats("source"),
                                           rng=state.step_rng("dropout"))
-        total, terms = base.supervised_loss(out_s, source["label"], self.seg.aux_weight)
+        total, terms = self.seg.loss(out_s, source["label"])
         out_t = None
         if self.needs_target:
             target = batch["target"]

@@ -31,19 +31,18 @@ class SelfTraining:
     def train_step(self, state: TrainState, batch):
         seg = state.roles["seg"]
         source, target = batch["source"], batch["target"]
-        aux_weight = self.seg.aux_weight
 
         def loss_fn(params):
             out_s, collections = base.forward(self.model, seg, params, source["image"],
                                               train=True,
                                               update_stats=self.seg.updates_stats("source"),
                                               rng=state.step_rng("dropout"))
-            total, terms = base.supervised_loss(out_s, source["label"], aux_weight)
+            total, terms = self.seg.loss(out_s, source["label"])
             out_t, collections = base.forward(self.model, seg.replace(collections=collections),
                                               params, target["image"], train=True,
                                               update_stats=self.seg.updates_stats("target"),
                                               rng=state.step_rng("dropout_target"))
-            pseudo, pseudo_terms = base.supervised_loss(out_t, target["label"], aux_weight)
+            pseudo, pseudo_terms = self.seg.loss(out_t, target["label"])
             terms.update({k.replace("loss/seg", "loss/pseudo"): v
                           for k, v in pseudo_terms.items()})
             total = total + self.lambda_pseudo * pseudo

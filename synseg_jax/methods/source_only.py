@@ -29,7 +29,7 @@ class SourceOnly:
                                             train=True,
                                             update_stats=self.seg.updates_stats("source"),
                                             rng=state.step_rng("dropout"))
-            total, terms = base.supervised_loss(out, source["label"], self.seg.aux_weight)
+            total, terms = self.seg.loss(out, source["label"])
             return total, (terms, collections)
 
         (_, (terms, collections)), grads = jax.value_and_grad(loss_fn, has_aux=True)(role.params)
