@@ -20,6 +20,7 @@ import ml_collections
 from clu import metric_writers
 
 from synseg_jax import checkpoint, evaluate, fda, images, inputs, methods, metrics, parallel
+from synseg_jax.data import labels
 from synseg_jax.methods import base
 from synseg_jax.state import TrainState
 
@@ -258,13 +259,36 @@ def with_input_transform(fn, config: ml_collections.ConfigDict, show_original: b
     return wrapped
 
 
+def segmentation_summaries(predict, role: str, normalization: str,
+                           max_images: int = base.SUMMARY_IMAGES):
+    """The default `summaries` hook: the first source images, their labels and the `role`'s
+    predictions, as uint8 RGB. Jittable, so the loop can gather a multi-host batch into one
+    replicated set of pictures."""
+
+    def summaries(state: TrainState, batch: dict) -> dict[str, jax.Array]:
+        source = batch["source"]
+        shown = source["image"][:max_images]
+        out = {"train/source_image": images.to_uint8(shown, normalization, xp=jnp)}
+        label = source.get("label")
+        if label is not None and label.ndim == 3 and role in state.roles:
+            logits = predict(state.roles[role].variables, shown)
+            pred = jnp.argmax(images.resize_bilinear(logits, shown.shape[1:3]), axis=-1)
+            out["train/source_label"] = labels.colorize(label[:max_images], xp=jnp)
+            out["train/source_prediction"] = labels.colorize(pred, xp=jnp)
+        return out
+
+    return summaries
+
+
 def summaries_of(method, normalization: str):
-    """The method's `summaries` hook, or the default segmentation pictures."""
-    hook = getattr(method, "summaries", None)
-    if hook is not None:
-        return hook
+    """The pictures the loop logs: the default segmentation ones when the method has an
+    evaluated role, and those of its `summaries` hook; None when there are neither."""
     role = base.eval_role_of(method)
-    return base.segmentation_summaries(method.predict, role, normalization) if role else None
+    default = segmentation_summaries(method.predict, role, normalization) if role else None
+    hook = getattr(method, "summaries", None)
+    if hook is None or default is None:
+        return hook or default
+    return lambda state, batch: {**default(state, batch), **hook(state, batch)}
 
 
 class MetricsInterval:

@@ -133,8 +133,9 @@ def test_an_output_the_segmenter_lacks_is_named():
 
 
 def test_summaries_show_target_and_discriminator_map():
+    from synseg_jax import train
     method, _, after, _ = _step(tiny_config())
-    pictures = jax.jit(method.summaries)(after, fake_batch())
+    pictures = jax.jit(train.summaries_of(method, "caffe_bgr"))(after, fake_batch())
     assert {"train/source_image", "train/source_prediction", "train/target_image",
             "train/target_disc_map"} <= set(pictures)
     assert pictures["train/target_disc_map"].shape == (2, 32, 32, 3)

@@ -94,19 +94,14 @@ class Adversarial:
     def segmenter_loss(self, seg_params, state: TrainState, batch):
         seg = state.roles["seg"]
         source, target = batch["source"], batch["target"]
-        out_s, collections = base.forward(self.model, seg, seg_params, source["image"],
-                                          train=True,
-                                          update_stats=self.seg.updates_stats("source"),
-                                          rng=state.step_rng("dropout"))
+        out_s, collections = self.seg.train_forward(seg, seg_params, source["image"], "source",
+                                                    state)
         total, terms = self.seg.loss(out_s, source["label"])
-        out_t, collections = base.forward(self.model, seg.replace(collections=collections),
-                                          seg_params, target["image"], train=True,
-                                          update_stats=self.seg.updates_stats("target"),
-                                          rng=state.step_rng("dropout_target"))
+        out_t, collections = self.seg.train_forward(seg, seg_params, target["image"], "target",
+                                                    state, collections)
         if self.lambda_pseudo:
-            pseudo, pseudo_terms = self.seg.loss(out_t, target["label"])
-            terms.update({k.replace("loss/seg", "loss/pseudo"): v
-                          for k, v in pseudo_terms.items()})
+            pseudo, pseudo_terms = self.seg.pseudo_loss(out_t, target["label"])
+            terms.update(pseudo_terms)
             total = total + self.lambda_pseudo * pseudo
         probs = {}
         for output, role, lam in zip(self.outputs, self.disc_roles, self.lambdas):
@@ -156,10 +151,10 @@ class Adversarial:
         return self.seg.predict(seg_variables, images_)
 
     def summaries(self, state: TrainState, batch) -> dict[str, jax.Array]:
-        """The default source pictures, the target images and the main discriminator's map on
-        them (white: judged target), upsampled to the image size."""
+        """The target images and the main discriminator's map on them (white: judged target),
+        upsampled to the image size (the loop adds the source pictures)."""
         shown = batch["target"]["image"][:base.SUMMARY_IMAGES]
-        out = base.segmentation_summaries(self.predict, "seg", self.normalization)(state, batch)
+        out = {}
         logits = self.predict(state.roles["seg"].variables, shown)
         d = self.disc.apply({"params": state.roles[self.disc_roles[0]].params},
                             probabilities(logits, shown.shape[1:3], self.seg.align_corners))

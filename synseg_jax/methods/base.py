@@ -16,7 +16,6 @@ import ml_collections
 import optax
 
 from synseg_jax import images, losses, optim
-from synseg_jax.data import labels
 from synseg_jax.models import segmenters
 from synseg_jax.state import RoleState, TrainState
 
@@ -30,8 +29,9 @@ class Method(Protocol):
 
     - ``eval_role: str | None`` -- the role `predict` reads and evaluation restores ("seg");
       None for a stage without a segmenter (a translator), which is then not evaluated.
-    - ``summaries(state, batch) -> {name: uint8 [N, H, W, 3]}`` -- pictures to log, jittable:
-      reconstructions, translated images, edge maps. Default: source input, label, prediction.
+    - ``summaries(state, batch) -> {name: uint8 [N, H, W, 3]}`` -- the method's own pictures,
+      jittable: reconstructions, translated images, edge maps. The loop logs them beside its
+      default ones (source input, label and the evaluated role's prediction).
     """
 
     roles: tuple[str, ...]
@@ -148,6 +148,10 @@ def role_optimizer(optim_config: ml_collections.ConfigDict, role: str) -> RoleOp
     return RoleOptimizer(role, tx, schedule, o.head_lr_mult)
 
 
+# The step key's stream that feeds each domain's dropout.
+DROPOUT_STREAMS = {"source": "dropout", "target": "dropout_target"}
+
+
 @dataclasses.dataclass(frozen=True)
 class Segmenter:
     """The trained `seg` role segmentation methods share: the network, its optimiser, the
@@ -168,9 +172,26 @@ class Segmenter:
                    config.method.aux_weight, config.model.bn_update, config.init.seg.scope,
                    config.model.align_corners)
 
+    def train_forward(self, role: RoleState, params: Any, images: jax.Array, domain: str,
+                      state: TrainState, collections: dict | None = None) -> tuple[dict, dict]:
+        """The segmenter on one domain's ("source" / "target") images in training mode: dropout
+        from the step's key for that domain, BN statistics kept when `model.bn_update` names
+        the domain. `collections`: those an earlier call of the step left (default: the
+        role's). Returns (outputs, collections after the call)."""
+        if collections is not None:
+            role = role.replace(collections=collections)
+        return forward(self.model, role, params, images, train=True,
+                       update_stats=self.updates_stats(domain),
+                       rng=state.step_rng(DROPOUT_STREAMS[domain]))
+
     def loss(self, out: dict, labels: jax.Array) -> tuple[jax.Array, dict]:
         """The supervised loss of every output (see `supervised_loss`) on `labels`."""
         return supervised_loss(out, labels, self.aux_weight, self.align_corners)
+
+    def pseudo_loss(self, out: dict, pseudo_labels: jax.Array) -> tuple[jax.Array, dict]:
+        """`loss` on pseudo-labelled target images, its terms logged as loss/pseudo*."""
+        total, terms = self.loss(out, pseudo_labels)
+        return total, {k.replace("loss/seg", "loss/pseudo"): v for k, v in terms.items()}
 
     def init_role(self, rng: jax.Array, sample: jax.Array, pretrained: dict) -> RoleState:
         """The `seg` role: fresh init, then `pretrained["seg"]` under its scope when given."""
@@ -286,24 +307,3 @@ def resize_logits(logits: jax.Array, size: tuple[int, int]) -> jax.Array:
 
 
 SUMMARY_IMAGES = 3  # pictures per summary
-
-
-def segmentation_summaries(predict, role: str, normalization: str,
-                           max_images: int = SUMMARY_IMAGES):
-    """The default `summaries` hook: the first source images, their labels and the `role`'s
-    predictions, as uint8 RGB. Jittable, so the loop can gather a multi-host batch into one
-    replicated set of pictures."""
-
-    def summaries(state: TrainState, batch: dict) -> dict[str, jax.Array]:
-        source = batch["source"]
-        shown = source["image"][:max_images]
-        out = {"train/source_image": images.to_uint8(shown, normalization, xp=jnp)}
-        label = source.get("label")
-        if label is not None and label.ndim == 3 and role in state.roles:
-            logits = predict(state.roles[role].variables, shown)
-            pred = jnp.argmax(images.resize_bilinear(logits, shown.shape[1:3]), axis=-1)
-            out["train/source_label"] = labels.colorize(label[:max_images], xp=jnp)
-            out["train/source_prediction"] = labels.colorize(pred, xp=jnp)
-        return out
-
-    return summaries
