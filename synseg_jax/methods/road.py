@@ -225,17 +225,14 @@ class Road:
         """Eq. 5 as a function of the trained roles' params; returns (total, (terms, collections))."""
         seg = state.roles["seg"]
         source = batch["source"]
-        out_s, collections = base.forward(self.model, seg, seg_params, source["image"], train=True,
-                                          update_stats=self.seg.updates_stats("source"),
-                                          rng=state.step_rng("dropout"))
+        out_s, collections = self.seg.train_forward(seg, seg_params, source["image"], "source",
+                                                    state)
         total, terms = self.seg.loss(out_s, source["label"])
         out_t = None
         if self.needs_target:
             target = batch["target"]
-            out_t, collections = base.forward(
-                self.model, seg.replace(collections=collections), seg_params, target["image"],
-                train=True, update_stats=self.seg.updates_stats("target"),
-                rng=state.step_rng("dropout_target"))
+            out_t, collections = self.seg.train_forward(seg, seg_params, target["image"],
+                                                        "target", state, collections)
         if self.dist:
             on_target = self.dist_domain == "target"
             images = batch["target" if on_target else "source"]["image"]

@@ -33,18 +33,13 @@ class SelfTraining:
         source, target = batch["source"], batch["target"]
 
         def loss_fn(params):
-            out_s, collections = base.forward(self.model, seg, params, source["image"],
-                                              train=True,
-                                              update_stats=self.seg.updates_stats("source"),
-                                              rng=state.step_rng("dropout"))
+            out_s, collections = self.seg.train_forward(seg, params, source["image"], "source",
+                                                        state)
             total, terms = self.seg.loss(out_s, source["label"])
-            out_t, collections = base.forward(self.model, seg.replace(collections=collections),
-                                              params, target["image"], train=True,
-                                              update_stats=self.seg.updates_stats("target"),
-                                              rng=state.step_rng("dropout_target"))
-            pseudo, pseudo_terms = self.seg.loss(out_t, target["label"])
-            terms.update({k.replace("loss/seg", "loss/pseudo"): v
-                          for k, v in pseudo_terms.items()})
+            out_t, collections = self.seg.train_forward(seg, params, target["image"], "target",
+                                                        state, collections)
+            pseudo, pseudo_terms = self.seg.pseudo_loss(out_t, target["label"])
+            terms.update(pseudo_terms)
             total = total + self.lambda_pseudo * pseudo
             terms["loss/total"] = total
             return total, (terms, collections)

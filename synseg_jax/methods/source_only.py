@@ -25,10 +25,8 @@ class SourceOnly:
         source = batch["source"]
 
         def loss_fn(params):
-            out, collections = base.forward(self.model, role, params, source["image"],
-                                            train=True,
-                                            update_stats=self.seg.updates_stats("source"),
-                                            rng=state.step_rng("dropout"))
+            out, collections = self.seg.train_forward(role, params, source["image"], "source",
+                                                      state)
             total, terms = self.seg.loss(out, source["label"])
             return total, (terms, collections)
 
