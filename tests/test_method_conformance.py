@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import adversarial, pretrain, road, self_training, source_only
+from configs import adversarial, pretrain, road, self_training, source_only, structure
 from synseg_jax import checkpoint, inputs, methods
 from synseg_jax import state as state_lib
 from synseg_jax.methods import base
@@ -26,6 +26,8 @@ CONFIGS = {
     "adversarial": (adversarial, ["method.disc_widths=(4,4,4,4)", "fda.beta=0.05"]),
     "self_training": (self_training, ["method.name=self_training", "data.target=minicity",
                                     "data.target_split=real_train", "data.target_labels=True"]),
+    "structure": (structure, ["method.rec_width=8", "method.rec_res_blocks=1",
+                              "method.disc_width=4"]),
 }
 
 

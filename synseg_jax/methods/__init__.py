@@ -5,6 +5,7 @@ from synseg_jax.methods.classifier import Classifier
 from synseg_jax.methods.road import Road
 from synseg_jax.methods.self_training import SelfTraining
 from synseg_jax.methods.source_only import SourceOnly
+from synseg_jax.methods.structure import StructureEnhancement
 
 METHODS = {
     "source_only": SourceOnly,
@@ -12,6 +13,7 @@ METHODS = {
     "road": Road,
     "self_training": SelfTraining,
     "adversarial": Adversarial,
+    "structure": StructureEnhancement,
 }
 
 

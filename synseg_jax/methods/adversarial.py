@@ -35,6 +35,27 @@ DISC_ROLES = {"logits": "disc", "aux_logits": "disc_aux", "aux_logits2": "disc_a
 OUTPUTS = tuple(DISC_ROLES)
 
 
+def fooling_loss(disc_logits: jax.Array) -> jax.Array:
+    """The segmenter's adversarial term: BCE of the discriminator's view of target predictions
+    against the source label (the segmenter wants them judged source)."""
+    return losses.bce_with_logits(disc_logits, SOURCE_LABEL)
+
+
+def domain_loss(d_source: jax.Array, d_target: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """A discriminator's loss, 1/2 BCE(source maps, source label) + 1/2 BCE(target maps, target
+    label), and how often it tells the domains apart (a logit > 0 judges "target")."""
+    loss = 0.5 * (losses.bce_with_logits(d_source, SOURCE_LABEL)
+                  + losses.bce_with_logits(d_target, TARGET_LABEL))
+    accuracy = 0.5 * (jnp.mean(d_source < 0) + jnp.mean(d_target > 0))
+    return loss, accuracy
+
+
+def disc_map_picture(disc_logits: jax.Array, size: tuple[int, int]) -> jax.Array:
+    """A discriminator's map as a uint8 gray picture at `size` (white: judged target)."""
+    gray = images.resize_nearest(jax.nn.sigmoid(disc_logits), size)
+    return jnp.repeat(jnp.clip(jnp.rint(gray * 255), 0, 255).astype(jnp.uint8), 3, axis=-1)
+
+
 def probabilities(logits: jax.Array, size: tuple[int, int], align_corners: bool = False
                   ) -> jax.Array:
     """What a discriminator sees: the softmax of logits upsampled to the image size."""
@@ -108,7 +129,7 @@ class Adversarial:
             p_s = probabilities(out_s[output], source["image"].shape[1:3], self.seg.align_corners)
             p_t = probabilities(out_t[output], target["image"].shape[1:3], self.seg.align_corners)
             fooled = self.disc.apply({"params": state.roles[role].params}, p_t)
-            adv = losses.bce_with_logits(fooled, SOURCE_LABEL)
+            adv = fooling_loss(fooled)
             terms["loss/adv" + role[len("disc"):]] = adv
             total = total + lam * adv
             probs[role] = (jax.lax.stop_gradient(p_s), jax.lax.stop_gradient(p_t))
@@ -122,13 +143,8 @@ class Adversarial:
         return total, (terms, collections, probs)
 
     def discriminator_loss(self, disc_params, p_s, p_t):
-        d_s = self.disc.apply({"params": disc_params}, p_s)
-        d_t = self.disc.apply({"params": disc_params}, p_t)
-        loss = 0.5 * (losses.bce_with_logits(d_s, SOURCE_LABEL)
-                      + losses.bce_with_logits(d_t, TARGET_LABEL))
-        # How often it tells the domains apart (a patch is "target" when its logit is > 0).
-        accuracy = 0.5 * (jnp.mean(d_s < 0) + jnp.mean(d_t > 0))
-        return loss, accuracy
+        return domain_loss(self.disc.apply({"params": disc_params}, p_s),
+                           self.disc.apply({"params": disc_params}, p_t))
 
     def train_step(self, state: TrainState, batch):
         seg = state.roles["seg"]
@@ -158,8 +174,6 @@ class Adversarial:
         logits = self.predict(state.roles["seg"].variables, shown)
         d = self.disc.apply({"params": state.roles[self.disc_roles[0]].params},
                             probabilities(logits, shown.shape[1:3], self.seg.align_corners))
-        gray = images.resize_nearest(jax.nn.sigmoid(d), shown.shape[1:3])
         out["train/target_image"] = images.to_uint8(shown, self.normalization, xp=jnp)
-        out["train/target_disc_map"] = jnp.repeat(
-            jnp.clip(jnp.rint(gray * 255), 0, 255).astype(jnp.uint8), 3, axis=-1)
+        out["train/target_disc_map"] = disc_map_picture(d, shown.shape[1:3])
         return out

@@ -155,25 +155,38 @@ def max_pool(x: jax.Array, window: int, stride: int, padding: int = 0,
 
 
 @jax.custom_vjp
-def _grad_reverse(x, scale):
+def _scale_gradient(x, factor):
     return x
 
 
-def _grad_reverse_fwd(x, scale):
-    return x, scale
+def _scale_gradient_fwd(x, factor):
+    return x, factor
 
 
-def _grad_reverse_bwd(scale, g):
-    # The scale is a hyperparameter (possibly scheduled): it gets a zero gradient.
-    return (-scale * g).astype(g.dtype), jnp.zeros_like(scale)
+def _scale_gradient_bwd(factor, g):
+    # The factor is a hyperparameter (possibly scheduled): it gets a zero gradient.
+    return (factor * g).astype(g.dtype), jnp.zeros_like(factor)
 
 
-_grad_reverse.defvjp(_grad_reverse_fwd, _grad_reverse_bwd)
+_scale_gradient.defvjp(_scale_gradient_fwd, _scale_gradient_bwd)
+
+
+def scale_gradient(x: jax.Array, factor: float | jax.Array) -> jax.Array:
+    """Identity forward; multiplies the incoming gradient by ``factor`` backward. ``factor`` may
+    be a traced value, e.g. a schedule of the step."""
+    return _scale_gradient(x, jnp.asarray(factor, jnp.float32))
 
 
 def grad_reverse(x: jax.Array, scale: float | jax.Array = 1.0) -> jax.Array:
-    """Identity forward; multiplies the incoming gradient by ``-scale`` backward (DANN's GRL).
+    """Identity forward; multiplies the incoming gradient by ``-scale`` backward (DANN's GRL)."""
+    return scale_gradient(x, -jnp.asarray(scale, jnp.float32))
 
-    ``scale`` may be a traced value, e.g. a schedule of the step.
-    """
-    return _grad_reverse(x, jnp.asarray(scale, jnp.float32))
+
+def instance_norm(x: jax.Array, eps: float = 1e-5) -> jax.Array:
+    """Instance normalisation of NHWC features without affine parameters (PyTorch's
+    InstanceNorm2d default): each channel of each image to zero mean and unit (biased) variance
+    over its H x W pixels."""
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=(1, 2), keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=(1, 2), keepdims=True)
+    return ((x32 - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
