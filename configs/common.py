@@ -74,6 +74,11 @@ def base_config() -> ml_collections.ConfigDict:
     # True: the AdaptSegNet code's ASPP, which returns after its first two branches (6, 12)
     mo.aspp_two_branch = False
     mo.multi_level = False  # second ASPP on layer3 (AdaptSegNet multi-level)
+    # ResNet segmenters only: layers (1-4) followed by a Texture Structure Generalizer, and
+    # layers (1-3) followed by a Spatial Structure Intensifier, whose edge maps ("edge_logits")
+    # the tsg_ssi method supervises (configs/tsg_ssi.py). () = none: the plain network.
+    mo.tsg = ()
+    mo.ssi = ()
     # Bilinear upsampling of logits to the label size in losses, evaluation and export:
     # False = PyTorch >= 0.4's default (this project's); STDC-Seg's BiSeNet and AdaptSegNet's
     # PyTorch 0.4 port use True. Each paper preset says which its reference code used.

@@ -55,7 +55,7 @@ def eval_role_of(method) -> str | None:
 
 # model.* fields that are arguments of some segmenter classes and not of others.
 ARCHITECTURE_FIELDS = ("depth", "width", "output_stride", "bn_mode", "aspp_rates",
-                       "aspp_two_branch", "multi_level", "stage_sizes", "style")
+                       "aspp_two_branch", "multi_level", "stage_sizes", "style", "tsg", "ssi")
 
 
 def undeclared_fields(model: ml_collections.ConfigDict) -> set[str]:
@@ -85,6 +85,9 @@ def segmenter_from_config(model: ml_collections.ConfigDict) -> nn.Module:
         "output_stride": model.output_stride, "bn_mode": model.bn_mode,
         "aspp_rates": tuple(model.aspp_rates), "aspp_two_branch": model.aspp_two_branch,
         "multi_level": model.multi_level,
+        # TSG / SSI placements of ResNet segmenters (models/tsg_ssi.py); configs written before
+        # the fields existed have none.
+        "tsg": tuple(model.get("tsg", ())), "ssi": tuple(model.get("ssi", ())),
     }
     # Empty stage sizes keep the class's full-size default (VGG16, STDC1, ResNet depth).
     if model.stage_sizes:

@@ -21,7 +21,7 @@ between a classifier (output stride 32) and a segmenter (8).
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -31,6 +31,8 @@ import jax.numpy as jnp
 from synseg_jax.models.layers import ConvBN, max_pool
 
 STAGE_SIZES = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
+# (stage 1..4, its output, the earlier stages' features) -> what the next stage sees.
+AfterStage = Callable[[int, jax.Array, dict[str, jax.Array]], jax.Array]
 STYLES = ("caffe", "torchvision")
 EXPANSION = 4  # bottleneck output channels = 4 × its inner width
 
@@ -82,6 +84,11 @@ class ResNet(nn.Module):
 
     Returns a dict: "stem" (after the stem's ReLU, stride 2, before the max-pool) and "layer1" …
     "layer4" (strides 4, 8, then 16/32 depending on ``output_stride``).
+
+    ``after_stage(s, x, features)``, when given, maps stage s's output to what the next stage (and
+    ``features["layer{s}"]``) sees; ``features`` holds the earlier stages'. The TSG / SSI modules
+    of ``tsg_ssi.TextureShapeInserts`` come in this way: their parameters belong to the module
+    that made them (the segmenter), so the ResNet's own parameter tree never changes.
     """
 
     depth: int = 101
@@ -96,7 +103,8 @@ class ResNet(nn.Module):
         return max(1, int(round(base * self.width)))
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool) -> dict[str, jax.Array]:
+    def __call__(self, x: jax.Array, train: bool, after_stage: AfterStage | None = None
+                 ) -> dict[str, jax.Array]:
         if self.style not in STYLES:
             raise ValueError(f"style must be one of {STYLES}, got {self.style!r}")
         if self.output_stride not in STRIDES_AND_DILATIONS:
@@ -128,6 +136,8 @@ class ResNet(nn.Module):
                 x = Bottleneck(planes, stride if first else 1, block_dilation, project, self.style,
                                self.bn_mode, self.dtype, name=f"layer{s}_{b}")(x, train)
                 in_ch = EXPANSION * planes
+            if after_stage is not None:
+                x = after_stage(s, x, features)
             features[f"layer{s}"] = x
             prev_dilation = dilation
         return features

@@ -7,7 +7,9 @@ Parameter-tree rule the optimiser relies on: the pretrained feature extractor li
 A segmenter is called as ``model.apply(variables, images, train=...)`` on NHWC images and returns a
 dict: "logits" at feature resolution (upsampling to label size is the loss's job), "features" (the
 backbone's feature dict), "aux_logits" for multi-level variants, and for BiSeNet also
-"aux_logits2" (see ``BiSeNet``). Segmenters with dropout (the VGG ones, PSPNet) apply it only when
+"aux_logits2" (see ``BiSeNet``). ResNet segmenters with SSI modules (``ssi``) add "edge_logits":
+a tuple of [N, H, W, 1] edge logits at the input size, one per SSI in layer order, then the fused
+one (``models.tsg_ssi``). Segmenters with dropout (the VGG ones, PSPNet) apply it only when
 ``train=True`` and a "dropout" rng is passed (``vgg.dropout``).
 
 Registered networks (``SEGMENTERS``): DeepLabV2-ResNet101, DeepLab-LargeFOV-VGG16, FCN-8s-VGG16,
@@ -28,6 +30,7 @@ import numpy as np
 from synseg_jax import images
 from synseg_jax.models.layers import Conv, ConvBN, batch_norm, conv_padding
 from synseg_jax.models.resnet import ResNet, ResNetClassifier
+from synseg_jax.models.tsg_ssi import TextureShapeInserts, check_placements
 
 BACKBONE_SCOPE = "backbone"  # where every segmenter (and the classifier) keeps its feature extractor
 from synseg_jax.models.stdc import STAGE_SIZES as STDC_STAGE_SIZES
@@ -57,6 +60,20 @@ class ASPP(nn.Module):
         return sum(branches[1:], branches[0])
 
 
+def resnet_features(seg: nn.Module, x: jax.Array, train: bool
+                    ) -> tuple[dict[str, jax.Array], dict[str, Any]]:
+    """The ResNet ``backbone`` of segmenter `seg` on `x`, with `seg`'s TSG / SSI modules
+    (``seg.tsg``, ``seg.ssi``) between its stages. Returns (features, extra outputs: "edge_logits"
+    when there is an SSI). Call from `seg`'s compact ``__call__``: the modules are `seg`'s."""
+    inserts = TextureShapeInserts(tuple(seg.tsg), tuple(seg.ssi), _scaled(64, seg.width),
+                                  seg.dtype)
+    features = ResNet(seg.depth, seg.stage_sizes, seg.width, seg.style, seg.output_stride,
+                      seg.bn_mode, seg.dtype, name=BACKBONE_SCOPE)(
+                          x, train, after_stage=inserts if inserts else None)
+    edges = inserts.edge_outputs(x.shape[1:3])
+    return features, ({} if edges is None else {"edge_logits": edges})
+
+
 class DeepLabV2(nn.Module):
     """DeepLabV2: dilated ResNet (``backbone``) + ASPP on layer4 (``head``).
 
@@ -68,6 +85,8 @@ class DeepLabV2(nn.Module):
         aspp_two_branch: keep only the first two rates, as AdaptSegNet's code does by accident and
             DACS / DAFormer's "dlv2red" do on purpose.
         multi_level: add a second ASPP (``head_aux``) on layer3, giving "aux_logits" (AdaptSegNet).
+        tsg, ssi: ResNet layers followed by a TSG (1..4) / an SSI (1..3) (``models.tsg_ssi``);
+            () = none, the plain network. The heads read the layers' TSG outputs.
     """
 
     num_classes: int
@@ -80,15 +99,20 @@ class DeepLabV2(nn.Module):
     aspp_rates: Sequence[int] = (6, 12, 18, 24)
     aspp_two_branch: bool = False
     multi_level: bool = False
+    tsg: Sequence[int] = ()
+    ssi: Sequence[int] = ()
     dtype: Any = None
+
+    def __post_init__(self):
+        check_placements(tuple(self.tsg), tuple(self.ssi))  # a bad layer fails at build time
+        super().__post_init__()
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> dict[str, Any]:
-        features = ResNet(self.depth, self.stage_sizes, self.width, self.style,
-                          self.output_stride, self.bn_mode, self.dtype, name="backbone")(x, train)
+        features, extra = resnet_features(self, x, train)
         rates = tuple(self.aspp_rates)[:2] if self.aspp_two_branch else tuple(self.aspp_rates)
         head = ASPP(self.num_classes, rates, self.dtype, name="head")
-        out = {"logits": head(features["layer4"]), "features": features}
+        out = {"logits": head(features["layer4"]), "features": features, **extra}
         if self.multi_level:
             head_aux = ASPP(self.num_classes, rates, self.dtype, name="head_aux")
             out["aux_logits"] = head_aux(features["layer3"])
@@ -240,6 +264,7 @@ class PSPNet(nn.Module):
             with ``width``.
         multi_level: add PSPNet's auxiliary head on layer3 (``head_aux``: 3×3 ConvBN+ReLU → 256·w,
             dropout, 1×1 → classes), giving "aux_logits"; the paper weights its loss 0.4.
+        tsg, ssi: as ``DeepLabV2``'s.
     """
 
     num_classes: int
@@ -253,16 +278,21 @@ class PSPNet(nn.Module):
     align_corners: bool = True
     dropout_rate: float = 0.1
     multi_level: bool = False
+    tsg: Sequence[int] = ()
+    ssi: Sequence[int] = ()
     dtype: Any = None
+
+    def __post_init__(self):
+        check_placements(tuple(self.tsg), tuple(self.ssi))
+        super().__post_init__()
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> dict[str, Any]:
-        features = ResNet(self.depth, self.stage_sizes, self.width, self.style,
-                          self.output_stride, self.bn_mode, self.dtype, name="backbone")(x, train)
+        features, extra = resnet_features(self, x, train)
         head = PSPHead(self.num_classes, tuple(self.bins), _scaled(512, self.width),
                        self.dropout_rate, self.align_corners, self.bn_mode, self.dtype,
                        name="head")
-        out = {"logits": head(features["layer4"], train), "features": features}
+        out = {"logits": head(features["layer4"], train), "features": features, **extra}
         if self.multi_level:
             y = ConvBN(_scaled(256, self.width), 3, bn_mode=self.bn_mode, dtype=self.dtype,
                        name="head_aux")(features["layer3"], train)
