@@ -10,7 +10,10 @@ DeepLabV2-ResNet101 step (our own module) at the same size, side by side.
 Training sizes (``MODELS``; the papers and their code):
     deeplabv2_r101          720x1280, batch 1   AdaptSegNet: GTA5 source images at 1280x720,
                                                 batch 1 (its Cityscapes target side is 1024x512)
-    deeplabv2_r50_tsg       640x640,  batch 1   TSG/SSI generalisation: ResNet-50, 640x640 crops
+    deeplabv2_r50           640x640,  batch 1   TSG/SSI generalisation's baseline: ResNet-50,
+                                                640x640 crops
+    deeplabv2_r50_tsg_ssi   640x640,  batch 1   the same with TSG after layers 1-4 and SSI after
+                                                1-3, plus the boundary loss on the 4 edge maps
     deeplab_largefov_vgg16  321x321,  batch 10  ROAD: 5 source + 5 target patches of 321x321
     pspnet_r101             321x321,  batch 10  ROAD (its PSPNet-R101 variant)
     fcn8s_vgg16             512x1024, batch 1   semantic translation paper: the paper gives no
@@ -19,11 +22,12 @@ Training sizes (``MODELS``; the papers and their code):
     torch_deeplabv2_r101    = deeplabv2_r101    PyTorch CPU, our own Caffe-style ResNet-101 + ASPP
 
 The step: logits bilinearly upsampled to the label size, softmax cross-entropy (plus the aux
-outputs: BiSeNet's two at weight 1, as its reference code sums them), SGD momentum 0.9 with weight
-decay 5e-4, BatchNorm in train mode (batch statistics, running averages updated, as the reference
-code runs), dropout on. Parameters are random (values do not matter for time). Memory is
-``jax.jit(step).lower(...).compile().memory_analysis()``: arguments, outputs (donated state
-aliases them), and the temporaries XLA plans; "peak" = arguments + outputs + temporaries −
+outputs: BiSeNet's two at weight 1, as its reference code sums them; plus 1.5 x the boundary
+loss on the SSI edge maps when the model has them, as methods/tsg_ssi.py), SGD momentum 0.9
+with weight decay 5e-4, BatchNorm in train mode (batch statistics, running averages updated, as
+the reference code runs), dropout on. Parameters are random (values do not matter for time).
+Memory is ``jax.jit(step).lower(...).compile().memory_analysis()``: arguments, outputs (donated
+state aliases them), and the temporaries XLA plans; "peak" = arguments + outputs + temporaries −
 aliased. For PyTorch, the step runs in a child process and "peak" is its peak RSS
 (VmHWM) minus the RSS after importing torch, i.e. model, gradients, momentum and
 activations plus allocator slack, so the two are comparable only roughly.
@@ -59,8 +63,11 @@ class ModelSpec:
 MODELS = {
     "deeplabv2_r101": ModelSpec("deeplabv2", {}, (720, 1280), 1,
                                 "AdaptSegNet GTA5 1280x720, batch 1"),
-    "deeplabv2_r50_tsg": ModelSpec("deeplabv2", dict(depth=50, style="torchvision"), (640, 640),
-                                   1, "TSG/SSI 640x640 crops, batch 1"),
+    "deeplabv2_r50": ModelSpec("deeplabv2", dict(depth=50, style="torchvision"), (640, 640),
+                               1, "TSG/SSI 640x640 crops, batch 1"),
+    "deeplabv2_r50_tsg_ssi": ModelSpec(
+        "deeplabv2", dict(depth=50, style="torchvision", tsg=(1, 2, 3, 4), ssi=(1, 2, 3)),
+        (640, 640), 1, "TSG/SSI 640x640 crops, batch 1"),
     "deeplab_largefov_vgg16": ModelSpec("deeplab_largefov_vgg16", {}, (321, 321), 10,
                                         "ROAD 5+5 patches 321x321"),
     "pspnet_r101": ModelSpec("pspnet_r101", {}, (321, 321), 10, "ROAD 5+5 patches 321x321"),
@@ -102,6 +109,7 @@ def jax_step(name: str, spec: ModelSpec, size, batch, repeats: int, compile_only
     import optax
 
     from synseg_jax import losses
+    from synseg_jax.methods import tsg_ssi
     from synseg_jax.models import segmenters
 
     model = segmenters.build_segmenter(spec.segmenter, NUM_CLASSES, bn_mode="train",
@@ -126,6 +134,10 @@ def jax_step(name: str, spec: ModelSpec, size, batch, repeats: int, compile_only
         for aux in ("aux_logits", "aux_logits2"):
             if aux in out:
                 loss = loss + losses.cross_entropy(out[aux], labels)
+        if tsg_ssi.EDGE_OUTPUT in out:
+            names = tsg_ssi.edge_map_names(tuple(spec.kwargs.get("ssi", ())))
+            boundary, _ = tsg_ssi.boundary_loss(out[tsg_ssi.EDGE_OUTPUT], labels, names)
+            loss = loss + 1.5 * boundary
         return loss, updated.get("batch_stats", batch_stats)
 
     def step(params, opt_state, batch_stats, images, labels, key):

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import adversarial, pretrain, road, self_training, source_only, structure
+from configs import adversarial, pretrain, road, self_training, source_only, structure, tsg_ssi
 from synseg_jax import checkpoint, inputs, methods
 from synseg_jax import state as state_lib
 from synseg_jax.methods import base
@@ -28,6 +28,7 @@ CONFIGS = {
                                     "data.target_split=real_train", "data.target_labels=True"]),
     "structure": (structure, ["method.rec_width=8", "method.rec_res_blocks=1",
                               "method.disc_width=4"]),
+    "tsg_ssi": (tsg_ssi, []),
 }
 
 

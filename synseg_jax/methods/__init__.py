@@ -6,6 +6,7 @@ from synseg_jax.methods.road import Road
 from synseg_jax.methods.self_training import SelfTraining
 from synseg_jax.methods.source_only import SourceOnly
 from synseg_jax.methods.structure import StructureEnhancement
+from synseg_jax.methods.tsg_ssi import TsgSsi
 
 METHODS = {
     "source_only": SourceOnly,
@@ -14,6 +15,7 @@ METHODS = {
     "self_training": SelfTraining,
     "adversarial": Adversarial,
     "structure": StructureEnhancement,
+    "tsg_ssi": TsgSsi,
 }
 
 
