@@ -210,6 +210,17 @@ def test_bad_switch_values_are_named():
         methods.build(tiny_config("method.rec_reduction=median"))
     with pytest.raises(ValueError, match="encoder_grads"):
         methods.build(tiny_config("method.encoder_grads=max"))
+    with pytest.raises(ValueError, match="disc_input"):
+        methods.build(tiny_config("method.disc_input=pixels"))
+
+
+def test_discriminator_sees_the_softmax_at_the_chosen_resolution():
+    logits = jnp.asarray(np.random.default_rng(0).normal(size=(1, 4, 8, 19)), jnp.float32)
+    at_logits = methods.build(tiny_config()).disc_view(logits, (32, 64))
+    at_image = methods.build(tiny_config("method.disc_input=image")).disc_view(logits, (32, 64))
+    assert at_logits.shape == (1, 4, 8, 19) and at_image.shape == (1, 32, 64, 19)
+    np.testing.assert_allclose(at_logits, jax.nn.softmax(logits), rtol=1e-6)
+    np.testing.assert_allclose(jnp.sum(at_image, -1), 1.0, rtol=1e-5)
 
 
 @pytest.mark.parametrize("preset", ["demo", "gta5", "synthia"])
