@@ -14,33 +14,11 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from synseg_jax import trees
+
 
 class CheckpointMismatchError(ValueError):
     """A checkpoint whose keys or shapes do not fit the model the config builds."""
-
-
-def _path_str(path) -> str:
-    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
-
-
-def _shapes(tree) -> dict[str, tuple]:
-    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {_path_str(p): tuple(getattr(v, "shape", ())) for p, v in leaves}
-
-
-def _describe_mismatch(saved: dict[str, tuple], wanted: dict[str, tuple], limit: int = 8) -> str:
-    missing = [k for k in wanted if k not in saved]
-    unexpected = [k for k in saved if k not in wanted]
-    shapes = [f"{k}: checkpoint {saved[k]} vs config {wanted[k]}"
-              for k in wanted if k in saved and saved[k] != wanted[k]]
-    lines = []
-    for title, items in (("missing from the checkpoint", missing),
-                         ("in the checkpoint but not in the model", unexpected),
-                         ("shape mismatches", shapes)):
-        if items:
-            lines.append(f"  {title} ({len(items)}): " + "; ".join(items[:limit])
-                         + (" ..." if len(items) > limit else ""))
-    return "\n".join(lines)
 
 
 class Checkpointer:
@@ -83,10 +61,10 @@ class Checkpointer:
         return step
 
     def _check_fits(self, step: int, target: Any, prefixes: tuple[str, ...] = ()) -> None:
-        saved = _shapes(self._manager.item_metadata(step).tree)
+        saved = trees.shapes(self._manager.item_metadata(step).tree)
         if prefixes:  # a partial restore compares only the subtrees it asks for
             saved = {k: v for k, v in saved.items() if k.startswith(prefixes)}
-        problem = _describe_mismatch(saved, _shapes(target))
+        problem = trees.describe_mismatch(saved, trees.shapes(target), "checkpoint", "config")
         if problem:
             raise CheckpointMismatchError(
                 f"Checkpoint {self.directory} step {step} does not fit the model built from "

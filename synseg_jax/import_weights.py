@@ -216,11 +216,13 @@ def convert(fmt_name: str, src: str, model_name: str | None = None, width: float
     depth = RESNET_DEPTHS.get(tuple(sizes)) if model_name in RESNET_MODELS else None
     if depth:
         config["depth"] = depth
-    elif tuple(sizes) != fmt.default_stage_sizes:
-        config["stage_sizes"] = tuple(sizes)
+    # Always explicit: a preset's own stage sizes (the demo's 1-1-1-1) would otherwise win.
+    config["stage_sizes"] = tuple(sizes)
     config["width"] = width
     if not scope:
         config["num_classes"] = classes
+        if model_name == "deeplabv2":
+            config["aspp_two_branch"] = aspp_two_branch
     return variables, config, kept
 
 

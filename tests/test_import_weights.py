@@ -241,3 +241,30 @@ def test_bad_arguments():
         import_weights.convert("torchvision_vgg16", "x.pth", model_name="deeplabv2")
     with pytest.raises(ValueError, match="holds no segmentation head"):
         import_weights.convert("stdc813", "x.tar", scope=())
+
+
+def _printed_overrides(out: str) -> list[str]:
+    """The `--config.key=value` flags the CLI printed, as `key=value` config overrides."""
+    flags = [t for t in out.split() if t.startswith("--config.")]
+    return [f[len("--config."):].replace("'", "") for f in flags]
+
+
+@pytest.mark.parametrize("scope,extra", [("backbone", []), ("", ["--aspp-two-branch"])])
+def test_printed_flags_load_as_they_stand_over_the_demo_preset(tmp_path, capsys, scope, extra):
+    """The flags, given after the demo preset (whose stage sizes and ASPP differ), build a model
+    the weights fit: stage sizes and the two-branch ASPP are printed, not left to the preset."""
+    from configs import source_only  # noqa: PLC0415
+
+    model = segmenters.build_segmenter("deeplabv2", 19, aspp_two_branch=bool(extra),
+                                       stage_sizes=(3, 4, 23, 3), width=0.0625)
+    sd = fake_state_dict(model, weights.deeplab_v2_naming(), scope=())
+    src = save_pth(sd, tmp_path / "init.pth")
+    # ResNet-101's own sizes, which once printed as model.depth=101 alone.
+    out = run_cli(capsys, "--format=deeplab_resnet101_init", f"--src={src}",
+                  f"--dst={tmp_path / 'w'}", "--width=0.0625", f"--scope={scope}", *extra)
+    config = source_only.get_config(",".join(["demo", *_printed_overrides(out)]))
+    assert tuple(config.model.stage_sizes) == (3, 4, 23, 3)
+    built = base.segmenter_from_config(config.model)
+    role = base.init_role(built, jax.random.PRNGKey(0), jnp.zeros((1, 33, 33, 3)), None)
+    loaded = checkpoint.load_variables(config.init.seg.path)
+    base.with_pretrained(role, loaded, config.init.seg.scope, None)  # raises if it does not fit

@@ -39,8 +39,19 @@ def test_with_pretrained_replaces_exactly_the_scope(scope):
 def test_with_pretrained_rejects_other_shapes():
     role, tx = _role()
     wrong = jax.tree_util.tree_map(lambda x: np.zeros(x.shape + (1,), x.dtype), role.params["backbone"])
-    with pytest.raises(ValueError, match="'backbone' params do not fit"):
+    with pytest.raises(ValueError, match="'backbone' params do not fit") as error:
         base.with_pretrained(role, {"params": wrong}, "backbone", tx)
+    # A differing key is named with both shapes.
+    kernel = role.params["backbone"]["stem"]["conv"]["kernel"].shape
+    one_off = jax.tree_util.tree_map(np.asarray, role.params["backbone"])
+    one_off["stem"]["conv"]["kernel"] = np.zeros(kernel + (1,), np.float32)
+    with pytest.raises(ValueError, match="shape mismatches \\(1\\)") as error:
+        base.with_pretrained(role, {"params": one_off}, "backbone", tx)
+    assert (f"stem/conv/kernel: pretrained weights {kernel + (1,)} vs model {kernel}"
+            in str(error.value))
+    missing = {k: v for k, v in role.params["backbone"].items() if k != "stem"}
+    with pytest.raises(ValueError, match=r"missing from the pretrained weights \(\d+\): stem/"):
+        base.with_pretrained(role, {"params": missing}, "backbone", tx)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -11,11 +11,10 @@ from typing import Any, Protocol
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import ml_collections
 import optax
 
-from synseg_jax import images, losses, optim
+from synseg_jax import images, losses, optim, trees
 from synseg_jax.models import segmenters
 from synseg_jax.state import RoleState, TrainState
 
@@ -264,12 +263,12 @@ def with_pretrained(role: RoleState, pretrained: dict | None, scope: str,
 
 
 def _check_same_shapes(expected, given, scope: str) -> None:
-    want = jax.tree_util.tree_map(jnp.shape, expected)
-    got = jax.tree_util.tree_map(jnp.shape, given)
-    if jax.tree_util.tree_structure(want) != jax.tree_util.tree_structure(got) or want != got:
+    problem = trees.describe_mismatch(trees.shapes(given), trees.shapes(expected),
+                                      "pretrained weights", "model")
+    if problem:
         raise ValueError(
-            f"Pretrained {scope!r} params do not fit the model built from the config "
-            f"(model.* sizes differ from those the weights were made with)")
+            f"Pretrained {scope!r} params do not fit the model built from the config (model.* "
+            f"sizes differ from those the weights were made with):\n{problem}")
 
 
 def forward(module: nn.Module, role: RoleState, params: Any, images: jax.Array, *,
