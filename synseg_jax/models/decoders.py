@@ -9,27 +9,54 @@ with zero biases (UNIT's ``init: kaiming``). The output lies in (-1, 1): UNIT's 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from synseg_jax.models.layers import instance_norm
+from synseg_jax.models.layers import Conv, instance_norm
 
 kaiming_init = nn.initializers.variance_scaling(2.0, "fan_in", "normal")  # torch kaiming_normal_
 
 
 class ReflectConv(nn.Module):
-    """A stride-1 convolution with reflection padding (size-preserving)."""
+    """A biased convolution with reflection padding (UNIT's ``pad_type: reflect``).
+
+    By default stride 1 and ``kernel_size // 2`` per side (size-preserving), the decoder's use.
+    The translator (``models/translator.py``) also needs UNIT's 4x4 stride-2 convs with padding 1,
+    SPADE's zero-padded convs (``pad_mode="zero"``), other initialisations, and spectral
+    normalisation (Miyato et al., ICLR 2018): ``spectral_norm=True`` wraps the conv in flax's
+    ``nn.SpectralNorm`` (named ``sn``), which divides the kernel, flattened to
+    [k * k * in, out], by its largest singular value estimated by one power-iteration step per
+    call. The kernel and bias stay at ``conv/kernel``, ``conv/bias`` either way; the power
+    iteration's vector and last estimate live in the ``batch_stats`` collection under
+    ``sn/conv/kernel/{u,sigma}`` and change only when called with ``update_stats=True`` (and
+    ``batch_stats`` mutable). The defaults build exactly the decoder's original layer.
+    """
 
     features: int
     kernel_size: int
+    stride: int = 1
+    padding: int | None = None  # per side; None: kernel_size // 2
+    pad_mode: str = "reflect"  # or "zero"
+    spectral_norm: bool = False
+    kernel_init: Callable = kaiming_init
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        p = self.kernel_size // 2
-        x = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)), mode="reflect")
-        return nn.Conv(self.features, (self.kernel_size,) * 2, padding="VALID",
-                       kernel_init=kaiming_init, bias_init=nn.initializers.zeros, name="conv")(x)
+    def __call__(self, x: jax.Array, update_stats: bool = False) -> jax.Array:
+        p = self.kernel_size // 2 if self.padding is None else self.padding
+        if self.pad_mode not in ("reflect", "zero"):
+            raise ValueError(f"pad_mode must be 'reflect' or 'zero', got {self.pad_mode!r}")
+        if p:
+            x = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)),
+                        mode="reflect" if self.pad_mode == "reflect" else "constant")
+        conv = Conv(self.features, (self.kernel_size,) * 2, strides=(self.stride,) * 2,
+                    padding="VALID", kernel_init=self.kernel_init,
+                    bias_init=nn.initializers.zeros, name="conv")
+        if self.spectral_norm:
+            return nn.SpectralNorm(conv, name="sn")(x, update_stats=update_stats)
+        return conv(x)
 
 
 class UNITLayerNorm(nn.Module):
@@ -50,12 +77,18 @@ class UNITLayerNorm(nn.Module):
 
 
 class ResidualBlock(nn.Module):
-    """conv3x3 - IN - ReLU - conv3x3 - IN, plus the input (UNIT's ResBlock with norm "in")."""
+    """conv3x3 - IN - ReLU - conv3x3 - IN, plus the input (UNIT's ResBlock with norm "in");
+    ``spectral_norm`` wraps both convs (see ``ReflectConv``)."""
+
+    spectral_norm: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        y = nn.relu(instance_norm(ReflectConv(x.shape[-1], 3, name="conv1")(x)))
-        y = instance_norm(ReflectConv(x.shape[-1], 3, name="conv2")(y))
+    def __call__(self, x: jax.Array, update_stats: bool = False) -> jax.Array:
+        def conv(name):
+            return ReflectConv(x.shape[-1], 3, spectral_norm=self.spectral_norm, name=name)
+
+        y = nn.relu(instance_norm(conv("conv1")(x, update_stats)))
+        y = instance_norm(conv("conv2")(y, update_stats))
         return x + y
 
 
