@@ -18,7 +18,6 @@ over an hour on a 2-core CPU (about 9 rows x ~10 minutes per seed).
 
 from __future__ import annotations
 
-import argparse
 import os
 
 import runs
@@ -83,27 +82,12 @@ def table(records: list[dict]) -> str:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--workdir", required=True, help="one sub-workdir per row and seed")
-    parser.add_argument("--rows", default=",".join(ROWS), help=f"subset of {','.join(ROWS)}")
-    parser.add_argument("--seeds", default="0", help="comma-separated seeds")
-    parser.add_argument("--data_dir", default="", help="TFDS data dir (default: config's)")
-    parser.add_argument("--overrides", default="",
-                        help="extra key=value,... for every run (e.g. train.steps=4)")
-    args = parser.parse_args()
-    rows = [r for r in args.rows.split(",") if r]
-    unknown = [r for r in rows if r not in ROWS]
-    if unknown:
-        parser.error(f"unknown rows {unknown}; valid: {list(ROWS)}")
-    seeds = [int(s) for s in args.seeds.split(",") if s]
+    args, rows, seeds = runs.ablation_args(__doc__.split("\n")[0], ROWS)
     records = [run_one(row, seed, args) for row in rows for seed in seeds]
     text = ("ROAD ablations on the minicity demo (configs/road.py:demo; mIoU over 19 classes on "
             "minicity real_val, last step)\n\n" + table(records) + "\n\nPer-class IoU (%) on "
             "real_val, mean over seeds:\n\n" + runs.per_class_table(runs.by_row(records)) + "\n")
-    os.makedirs(args.workdir, exist_ok=True)
-    with open(os.path.join(args.workdir, "road_ablation.md"), "w") as f:
-        f.write(text)
-    print(text)
+    runs.write_report(args.workdir, "road_ablation.md", text)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ code path of `python -m synseg_jax.main`), its last-step scores, and table forma
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -39,6 +40,32 @@ def run_once(config, workdir: str, record: dict) -> dict:
         record = json.load(f)
     record["scores"] = last_scores(workdir)
     return record
+
+
+def ablation_args(description: str, rows: dict) -> tuple[argparse.Namespace, list[str], list[int]]:
+    """The command line every ablation script shares: --workdir, --rows (checked against
+    `rows`), --seeds, --data_dir, --overrides. Returns (args, rows, seeds)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--workdir", required=True, help="one sub-workdir per row and seed")
+    parser.add_argument("--rows", default=",".join(rows), help=f"subset of {','.join(rows)}")
+    parser.add_argument("--seeds", default="0", help="comma-separated seeds")
+    parser.add_argument("--data_dir", default="", help="TFDS data dir (default: config's)")
+    parser.add_argument("--overrides", default="",
+                        help="extra key=value,... for every run (e.g. train.steps=4)")
+    args = parser.parse_args()
+    chosen = [r for r in args.rows.split(",") if r]
+    unknown = [r for r in chosen if r not in rows]
+    if unknown:
+        parser.error(f"unknown rows {unknown}; valid: {list(rows)}")
+    return args, chosen, [int(s) for s in args.seeds.split(",") if s]
+
+
+def write_report(workdir: str, name: str, text: str) -> None:
+    """Writes <workdir>/<name> and prints it."""
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, name), "w") as f:
+        f.write(text)
+    print(text)
 
 
 def last_scores(workdir: str) -> dict:

@@ -21,7 +21,6 @@ Prints the markdown tables and writes them to <workdir>/structure_ablation.md.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -129,19 +128,7 @@ def reconstruction_table(records: list[dict]) -> str:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--workdir", required=True, help="one sub-workdir per row and seed")
-    parser.add_argument("--rows", default=",".join(ROWS), help=f"subset of {','.join(ROWS)}")
-    parser.add_argument("--seeds", default="0", help="comma-separated seeds")
-    parser.add_argument("--data_dir", default="", help="TFDS data dir (default: config's)")
-    parser.add_argument("--overrides", default="",
-                        help="extra key=value,... for every run (e.g. train.steps=4)")
-    args = parser.parse_args()
-    rows = [r for r in args.rows.split(",") if r]
-    unknown = [r for r in rows if r not in ROWS]
-    if unknown:
-        parser.error(f"unknown rows {unknown}; valid: {list(ROWS)}")
-    seeds = [int(s) for s in args.seeds.split(",") if s]
+    args, rows, seeds = runs.ablation_args(__doc__.split("\n")[0], ROWS)
     records = [run_one(row, seed, args) for row in rows for seed in seeds]
     provenance = sorted({r["provenance"] for r in records})
     text = ("Structure enhancement on the minicity demo (configs/structure.py:demo; mIoU over 19 "
@@ -150,10 +137,7 @@ def main():
             + runs.per_class_table(runs.by_row(records))
             + "\n\nReconstruction of held-out images (first 100 of each split), mean over "
             "seeds:\n\n" + reconstruction_table(records) + "\n")
-    os.makedirs(args.workdir, exist_ok=True)
-    with open(os.path.join(args.workdir, "structure_ablation.md"), "w") as f:
-        f.write(text)
-    print(text)
+    runs.write_report(args.workdir, "structure_ablation.md", text)
 
 
 if __name__ == "__main__":

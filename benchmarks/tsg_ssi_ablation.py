@@ -23,7 +23,6 @@ them to <workdir>/tsg_ssi_ablation.md. About 10 minutes per run on a 2-core CPU:
 
 from __future__ import annotations
 
-import argparse
 import os
 
 import runs
@@ -79,19 +78,7 @@ def table(records: list[dict]) -> str:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--workdir", required=True, help="one sub-workdir per row and seed")
-    parser.add_argument("--rows", default=",".join(ROWS), help=f"subset of {','.join(ROWS)}")
-    parser.add_argument("--seeds", default="0", help="comma-separated seeds")
-    parser.add_argument("--data_dir", default="", help="TFDS data dir (default: config's)")
-    parser.add_argument("--overrides", default="",
-                        help="extra key=value,... for every run (e.g. train.steps=4)")
-    args = parser.parse_args()
-    rows = [r for r in args.rows.split(",") if r]
-    unknown = [r for r in rows if r not in ROWS]
-    if unknown:
-        parser.error(f"unknown rows {unknown}; valid: {list(ROWS)}")
-    seeds = [int(s) for s in args.seeds.split(",") if s]
+    args, rows, seeds = runs.ablation_args(__doc__.split("\n")[0], ROWS)
     records = [run_one(row, seed, args) for row in rows for seed in seeds]
     by_row = runs.by_row(records)
     text = ("TSG / SSI ablations on the minicity demo (configs/tsg_ssi.py:demo, from scratch; "
@@ -100,10 +87,7 @@ def main():
             + runs.per_class_table(by_row)
             + "\n\nPer-class IoU (%) on sim_topdown (never trained on), mean over seeds:\n\n"
             + runs.per_class_table(by_row, TOPDOWN) + "\n")
-    os.makedirs(args.workdir, exist_ok=True)
-    with open(os.path.join(args.workdir, "tsg_ssi_ablation.md"), "w") as f:
-        f.write(text)
-    print(text)
+    runs.write_report(args.workdir, "tsg_ssi_ablation.md", text)
 
 
 if __name__ == "__main__":
