@@ -70,7 +70,7 @@ def reconstruction_quality(config, workdir: str, max_images: int = 100) -> dict:
                                    result["features"][method.rec_features], image.shape[1:3])
         wanted = structure.to_unit_range(image, config.data.normalization)
         return (jnp.mean(jnp.abs(recon - wanted), axis=(1, 2, 3)),
-                10 * jnp.log10(4.0 / jnp.mean(jnp.square(recon - wanted), axis=(1, 2, 3))))
+                structure.psnr_per_image(recon, wanted))
 
     out = {}
     for step in ckpt.all_steps():

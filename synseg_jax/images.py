@@ -57,6 +57,14 @@ def to_uint8(x, mode: str, xp=np):
     return xp.clip(xp.rint(denormalize(xp.asarray(x), mode)), 0, 255).astype(xp.uint8)
 
 
+def gray_to_uint8(x):
+    """A map in [0, 1], [N, H, W] or [N, H, W, 1] (edge maps, a discriminator's sigmoid) ->
+    displayable uint8 RGB [N, H, W, 3], rounded. jax.numpy (jittable)."""
+    x = x[..., 0] if x.ndim == 4 else x
+    g = jnp.clip(jnp.rint(x * 255.0), 0, 255).astype(jnp.uint8)
+    return jnp.repeat(g[..., None], 3, axis=-1)
+
+
 def _align_corners_matrix(n_in: int, n_out: int) -> np.ndarray:
     """(n_out, n_in) linear interpolation that maps the end pixels onto each other."""
     m = np.zeros((n_out, n_in), np.float32)

@@ -25,7 +25,7 @@ import ml_collections
 from synseg_jax import images, losses
 from synseg_jax.methods import base
 from synseg_jax.models.discriminators import OutputDiscriminator
-from synseg_jax.state import RoleState, TrainState, init_key, new_state
+from synseg_jax.state import TrainState, init_key, new_state
 
 SOURCE_LABEL, TARGET_LABEL = 0.0, 1.0  # AdaptSegNet's domain labels
 
@@ -52,8 +52,7 @@ def domain_loss(d_source: jax.Array, d_target: jax.Array) -> tuple[jax.Array, ja
 
 def disc_map_picture(disc_logits: jax.Array, size: tuple[int, int]) -> jax.Array:
     """A discriminator's map as a uint8 gray picture at `size` (white: judged target)."""
-    gray = images.resize_nearest(jax.nn.sigmoid(disc_logits), size)
-    return jnp.repeat(jnp.clip(jnp.rint(gray * 255), 0, 255).astype(jnp.uint8), 3, axis=-1)
+    return images.gray_to_uint8(images.resize_nearest(jax.nn.sigmoid(disc_logits), size))
 
 
 def probabilities(logits: jax.Array, size: tuple[int, int], align_corners: bool = False
@@ -96,9 +95,7 @@ class Adversarial:
     def init(self, rng, batch, pretrained) -> TrainState:
         sample = batch["source"]["image"]
         seg = self.seg.init_role(init_key(rng, "seg"), sample, pretrained)
-        out = jax.eval_shape(
-            lambda p: self.model.apply({"params": p, **seg.collections}, sample, train=False),
-            seg.params)
+        out = self.seg.output_shapes(seg, sample.shape)
         missing = [o for o in self.outputs if o not in out]
         if missing:
             raise ValueError(f"method.adv_outputs {missing} are not outputs of segmenter "
@@ -107,9 +104,9 @@ class Adversarial:
         roles = {"seg": seg}
         num_classes = out["logits"].shape[-1]
         for role in self.disc_roles:
-            params = self.disc.init(init_key(rng, role),
-                                    jnp.zeros((1, 32, 32, num_classes), jnp.float32))["params"]
-            roles[role] = RoleState(params, {}, self.disc_opt.tx.init(params))
+            roles[role] = base.init_params_role(self.disc, init_key(rng, role),
+                                                jnp.zeros((1, 32, 32, num_classes), jnp.float32),
+                                                self.disc_opt.tx)
         return new_state(rng, roles)
 
     def segmenter_loss(self, seg_params, state: TrainState, batch):

@@ -16,7 +16,7 @@ import optax
 
 from synseg_jax import images, losses, optim, trees
 from synseg_jax.models import segmenters
-from synseg_jax.state import RoleState, TrainState
+from synseg_jax.state import RoleState, TrainState, init_key, new_state
 
 Batch = dict[str, dict[str, jax.Array]]
 Metrics = dict[str, jax.Array]
@@ -200,8 +200,29 @@ class Segmenter:
         return init_segmenter(self.model, rng, sample, self.opt.tx, pretrained.get("seg"),
                               self.init_scope)
 
+    def init_state(self, rng: jax.Array, batch: dict, pretrained: dict) -> TrainState:
+        """The state of a method whose only role is this segmenter."""
+        return new_state(rng, {"seg": self.init_role(init_key(rng, "seg"),
+                                                     batch["source"]["image"], pretrained)})
+
+    def update(self, state: TrainState, loss_fn) -> tuple[TrainState, Metrics]:
+        """One step of the `seg` role alone: the gradient of `loss_fn(params) -> (total,
+        (terms, collections))`, the optimiser update, and the terms with the step's lr."""
+        role = state.roles["seg"]
+        (_, (terms, collections)), grads = jax.value_and_grad(loss_fn, has_aux=True)(role.params)
+        roles = {**state.roles, "seg": apply_gradients(role, grads, self.opt.tx, collections)}
+        return (state.replace(step=state.step + 1, roles=roles),
+                {**terms, **self.opt.lr_metrics(state.step)})
+
     def updates_stats(self, domain: str) -> bool:
         return updates_stats(self.bn_update, domain)
+
+    def output_shapes(self, role: RoleState, image_shape: tuple[int, ...]) -> dict:
+        """Shapes of the segmenter's outputs (inference mode) on images of `image_shape`,
+        traced, not computed: what a method checks and sizes its other networks by."""
+        return jax.eval_shape(
+            lambda p, x: self.model.apply({"params": p, **role.collections}, x, train=False),
+            role.params, jax.ShapeDtypeStruct(tuple(image_shape), jax.numpy.float32))
 
     def predict(self, variables: dict, images: jax.Array) -> jax.Array:
         return predict_logits(self.model, variables, images)
@@ -242,6 +263,14 @@ def init_role(module: nn.Module, rng: jax.Array, sample: jax.Array,
     params = variables.pop("params")
     return RoleState(params=params, collections=dict(variables),
                      opt_state=tx.init(params) if tx is not None else None)
+
+
+def init_params_role(module: nn.Module, rng: jax.Array, sample: jax.Array,
+                     tx: optax.GradientTransformation) -> RoleState:
+    """A trained role whose network keeps only params (a discriminator, a decoder): fresh init
+    on `sample` and its optimiser state."""
+    params = module.init(rng, sample)["params"]
+    return RoleState(params, {}, tx.init(params))
 
 
 def with_pretrained(role: RoleState, pretrained: dict | None, scope: str,

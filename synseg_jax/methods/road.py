@@ -171,9 +171,7 @@ class Road:
         sample = batch["source"]["image"]
         seg = self.seg.init_role(init_key(rng, "seg"), sample, pretrained)
         roles = {"seg": seg}
-        features = jax.eval_shape(
-            lambda p: self.model.apply({"params": p, **seg.collections}, sample, train=False),
-            seg.params)["features"]
+        features = self.seg.output_shapes(seg, sample.shape)["features"]
         wanted = [self.dist_layer] * self.dist + [self.spt_layer] * self.spt
         for layer in wanted:
             if layer not in features:
@@ -191,10 +189,9 @@ class Road:
             roles["teacher"] = base.with_pretrained(teacher, pretrained.get("teacher"), "", None)
         if self.spt:
             channels = features[self.spt_layer].shape[-1]
-            params = self.disc.init(init_key(rng, "disc"),
-                                    jnp.zeros((1, 1, 1, channels), jnp.float32))["params"]
-            roles["disc"] = RoleState(params=params, collections={},
-                                      opt_state=self.disc_opt.tx.init(params))
+            roles["disc"] = base.init_params_role(self.disc, init_key(rng, "disc"),
+                                                  jnp.zeros((1, 1, 1, channels), jnp.float32),
+                                                  self.disc_opt.tx)
         return new_state(rng, roles)
 
     # --- losses -----------------------------------------------------------------------------

@@ -5,11 +5,10 @@ train so, both with weight 1."""
 
 from __future__ import annotations
 
-import jax
 import ml_collections
 
 from synseg_jax.methods import base
-from synseg_jax.state import TrainState, init_key, new_state
+from synseg_jax.state import TrainState
 
 
 class SelfTraining:
@@ -25,8 +24,7 @@ class SelfTraining:
         self.lambda_pseudo = config.method.lambda_pseudo
 
     def init(self, rng, batch, pretrained) -> TrainState:
-        role = self.seg.init_role(init_key(rng, "seg"), batch["source"]["image"], pretrained)
-        return new_state(rng, {"seg": role})
+        return self.seg.init_state(rng, batch, pretrained)
 
     def train_step(self, state: TrainState, batch):
         seg = state.roles["seg"]
@@ -44,10 +42,7 @@ class SelfTraining:
             terms["loss/total"] = total
             return total, (terms, collections)
 
-        (_, (terms, collections)), grads = jax.value_and_grad(loss_fn, has_aux=True)(seg.params)
-        new_seg = base.apply_gradients(seg, grads, self.seg.opt.tx, collections)
-        metrics = {**terms, **self.seg.opt.lr_metrics(state.step)}
-        return state.replace(step=state.step + 1, roles={"seg": new_seg}), metrics
+        return self.seg.update(state, loss_fn)
 
     def predict(self, seg_variables, images):
         return self.seg.predict(seg_variables, images)

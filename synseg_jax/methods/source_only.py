@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import jax
 import ml_collections
 
 from synseg_jax.methods import base
-from synseg_jax.state import TrainState, init_key, new_state
+from synseg_jax.state import TrainState
 
 
 class SourceOnly:
@@ -17,8 +16,7 @@ class SourceOnly:
         self.model = self.seg.model
 
     def init(self, rng, batch, pretrained) -> TrainState:
-        role = self.seg.init_role(init_key(rng, "seg"), batch["source"]["image"], pretrained)
-        return new_state(rng, {"seg": role})
+        return self.seg.init_state(rng, batch, pretrained)
 
     def train_step(self, state: TrainState, batch):
         role = state.roles["seg"]
@@ -30,10 +28,7 @@ class SourceOnly:
             total, terms = self.seg.loss(out, source["label"])
             return total, (terms, collections)
 
-        (_, (terms, collections)), grads = jax.value_and_grad(loss_fn, has_aux=True)(role.params)
-        new_role = base.apply_gradients(role, grads, self.seg.opt.tx, collections)
-        metrics = {**terms, **self.seg.opt.lr_metrics(state.step)}
-        return state.replace(step=state.step + 1, roles={"seg": new_role}), metrics
+        return self.seg.update(state, loss_fn)
 
     def predict(self, seg_variables, images):
         return self.seg.predict(seg_variables, images)

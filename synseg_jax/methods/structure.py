@@ -33,8 +33,6 @@ pieces are those of ``methods/adversarial.py``). Choices where the paper is sile
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -47,7 +45,7 @@ from synseg_jax.models.decoders import UNITDecoder
 from synseg_jax.models.discriminators import ASPPDiscriminator
 from synseg_jax.models.layers import scale_gradient
 from synseg_jax.models.segmenters import BACKBONE_SCOPE
-from synseg_jax.state import RoleState, TrainState, init_key, new_state
+from synseg_jax.state import TrainState, init_key, new_state
 
 REDUCTIONS = ("sum", "mean")
 DISC_INPUTS = ("logits", "image")
@@ -66,10 +64,15 @@ def l1(reconstruction: jax.Array, image: jax.Array, reduction: str) -> jax.Array
     return jnp.mean(jnp.sum(err, axis=(1, 2, 3))) if reduction == "sum" else jnp.mean(err)
 
 
-def psnr(reconstruction: jax.Array, image: jax.Array) -> jax.Array:
-    """Mean PSNR (dB) over the batch of images in [-1, 1] (peak-to-peak 2, as 255 for 0..255)."""
+def psnr_per_image(reconstruction: jax.Array, image: jax.Array) -> jax.Array:
+    """PSNR (dB) of each image of a batch in [-1, 1] (peak-to-peak 2, as 255 for 0..255)."""
     mse = jnp.mean(jnp.square(reconstruction - image), axis=(1, 2, 3))
-    return jnp.mean(10.0 * jnp.log10(4.0 / jnp.maximum(mse, 1e-10)))
+    return 10.0 * jnp.log10(4.0 / jnp.maximum(mse, 1e-10))
+
+
+def psnr(reconstruction: jax.Array, image: jax.Array) -> jax.Array:
+    """Mean PSNR (dB) over the batch."""
+    return jnp.mean(psnr_per_image(reconstruction, image))
 
 
 def check_reachable(feature_size: tuple[int, int], factor: int, image_size: tuple[int, int],
@@ -84,14 +87,6 @@ def check_reachable(feature_size: tuple[int, int], factor: int, image_size: tupl
             f"method.rec_upsample_steps) to {out[0]}x{out[1]}, but the images are "
             f"{image_size[0]}x{image_size[1]}; set method.rec_upsample_steps to log2 of the "
             f"encoder's output stride")
-
-
-@dataclasses.dataclass(frozen=True)
-class GradientScales:
-    """Per-branch gradient factors that make E's gradient the branches' average."""
-
-    seg_branch: float  # the segmentation branch's loss is scaled by this ...
-    rec_branch: float  # ... and the gradient G passes to E by this
 
 
 class StructureEnhancement:
@@ -134,8 +129,8 @@ class StructureEnhancement:
         self.disc = ASPPDiscriminator(me.disc_width, tuple(me.disc_rates))
         self.rec_opt = base.role_optimizer(config.optim, "rec") if self.use_rec else None
         self.disc_opt = base.role_optimizer(config.optim, "disc") if self.use_adv else None
-        both = self.use_rec and me.encoder_grads == "average"
-        self.scales = GradientScales(0.5, 0.5) if both else GradientScales(1.0, 1.0)
+        # "average" with two branches: each branch's gradient reaches E scaled by 1/2.
+        self.branch_scale = 0.5 if self.use_rec and me.encoder_grads == "average" else 1.0
         self.normalization = config.data.normalization
         self.roles = (("seg",) + (("rec",) if self.use_rec else ())
                       + (("disc",) if self.use_adv else ()))
@@ -146,29 +141,26 @@ class StructureEnhancement:
         sample = batch["source"]["image"]
         seg = self.seg.init_role(init_key(rng, "seg"), sample, pretrained)
         roles = {"seg": seg}
-        out = jax.eval_shape(
-            lambda p: self.model.apply({"params": p, **seg.collections}, sample, train=False),
-            seg.params)
+        # Output shapes for each domain's image size (the check below needs both).
+        outs = {domain: self.seg.output_shapes(seg, batch[domain]["image"].shape)
+                for domain in ("source", "target") if domain in batch}
+        out = outs["source"]
         if self.use_rec:
             if self.rec_features not in out["features"]:
                 raise ValueError(f"method.rec_features={self.rec_features!r} is not a feature "
                                  f"of segmenter {type(self.model).__name__}; it has "
                                  f"{sorted(out['features'])}")
-            for domain in ("source", "target"):
-                shape = batch[domain]["image"].shape
-                feats = jax.eval_shape(
-                    lambda p, x: self.model.apply({"params": p, **seg.collections}, x,
-                                                  train=False)["features"][self.rec_features],
-                    seg.params, jax.ShapeDtypeStruct(shape, jnp.float32))
-                check_reachable(feats.shape[1:3], self.upsample, shape[1:3], domain)
+            for domain, domain_out in outs.items():
+                check_reachable(domain_out["features"][self.rec_features].shape[1:3],
+                                self.upsample, batch[domain]["image"].shape[1:3], domain)
             sample_features = jnp.zeros(out["features"][self.rec_features].shape, jnp.float32)
-            params = self.decoder.init(init_key(rng, "rec"), sample_features)["params"]
-            roles["rec"] = RoleState(params, {}, self.rec_opt.tx.init(params))
+            roles["rec"] = base.init_params_role(self.decoder, init_key(rng, "rec"),
+                                                 sample_features, self.rec_opt.tx)
         if self.use_adv:
             num_classes = out["logits"].shape[-1]
-            params = self.disc.init(init_key(rng, "disc"),
-                                    jnp.zeros((1, 16, 16, num_classes), jnp.float32))["params"]
-            roles["disc"] = RoleState(params, {}, self.disc_opt.tx.init(params))
+            roles["disc"] = base.init_params_role(self.disc, init_key(rng, "disc"),
+                                                  jnp.zeros((1, 16, 16, num_classes), jnp.float32),
+                                                  self.disc_opt.tx)
         return new_state(rng, roles)
 
     # -- losses -------------------------------------------------------------------------------
@@ -200,12 +192,12 @@ class StructureEnhancement:
             terms["loss/adv"] = adv
             seg_branch = seg_branch + self.lambda_adv * adv
             probs = (jax.lax.stop_gradient(p_s), jax.lax.stop_gradient(p_t))
-        total, reported = self.scales.seg_branch * seg_branch, seg_branch
+        total, reported = self.branch_scale * seg_branch, seg_branch
         if self.use_rec:
             for domain, out in outs.items():
                 image = batch[domain]["image"]
                 features = scale_gradient(out["features"][self.rec_features],
-                                          self.scales.rec_branch)
+                                          self.branch_scale)
                 recon = self.reconstruct(rec_params, features, image.shape[1:3])
                 wanted = to_unit_range(image, self.normalization)
                 rec = l1(recon, wanted, self.reduction)
@@ -218,10 +210,10 @@ class StructureEnhancement:
 
     def _average_encoder(self, seg_grads):
         """Undoes the segmentation branch's scale outside E: S keeps its own gradient."""
-        if self.scales.seg_branch == 1.0:
+        if self.branch_scale == 1.0:
             return seg_grads
         return {k: (v if k == BACKBONE_SCOPE else
-                    jax.tree_util.tree_map(lambda g: g / self.scales.seg_branch, v))
+                    jax.tree_util.tree_map(lambda g: g / self.branch_scale, v))
                 for k, v in seg_grads.items()}
 
     def train_step(self, state: TrainState, batch):

@@ -35,9 +35,9 @@ import jax.numpy as jnp
 import ml_collections
 
 from synseg_jax import images
-from synseg_jax.data.labels import IGNORE_LABEL
+from synseg_jax.losses import IGNORE_LABEL
 from synseg_jax.methods import base
-from synseg_jax.state import TrainState, init_key, new_state
+from synseg_jax.state import TrainState
 
 EDGE_OUTPUT = "edge_logits"  # the segmenter output holding the SSI edge maps (models/tsg_ssi.py)
 
@@ -125,12 +125,6 @@ def boundary_loss(edge_logits: tuple[jax.Array, ...], labels: jax.Array, names: 
     return total, terms
 
 
-def _gray(x: jax.Array) -> jax.Array:
-    """[N, H, W] in [0, 1] -> uint8 RGB [N, H, W, 3]."""
-    g = jnp.clip(jnp.rint(x * 255.0), 0, 255).astype(jnp.uint8)
-    return jnp.repeat(g[..., None], 3, axis=-1)
-
-
 class TsgSsi:
     """Source-only segmentation + lambda x boundary loss on the segmenter's SSI edge maps."""
 
@@ -163,8 +157,7 @@ class TsgSsi:
         self.normalization = config.data.normalization
 
     def init(self, rng, batch, pretrained) -> TrainState:
-        role = self.seg.init_role(init_key(rng, "seg"), batch["source"]["image"], pretrained)
-        return new_state(rng, {"seg": role})
+        return self.seg.init_state(rng, batch, pretrained)
 
     def loss(self, out: dict, labels: jax.Array) -> tuple[jax.Array, dict]:
         """L_seg (+ aux outputs) + lambda L_boundary when the segmenter has edge maps."""
@@ -189,10 +182,7 @@ class TsgSsi:
             total, terms = self.loss(out, source["label"])
             return total, (terms, collections)
 
-        (_, (terms, collections)), grads = jax.value_and_grad(loss_fn, has_aux=True)(role.params)
-        new_role = base.apply_gradients(role, grads, self.seg.opt.tx, collections)
-        metrics = {**terms, **self.seg.opt.lr_metrics(state.step)}
-        return state.replace(step=state.step + 1, roles={"seg": new_role}), metrics
+        return self.seg.update(state, loss_fn)
 
     def predict(self, seg_variables, images_):
         return self.seg.predict(seg_variables, images_)
@@ -205,10 +195,10 @@ class TsgSsi:
         shown = source["image"][:base.SUMMARY_IMAGES]
         labels = source["label"][:base.SUMMARY_IMAGES]
         edges, valid = boundary_map(labels, self.radius, num_classes=self.num_classes)
-        panels = [_gray(jnp.where(valid, edges.astype(jnp.float32), 0.5))]
+        panels = [images.gray_to_uint8(jnp.where(valid, edges.astype(jnp.float32), 0.5))]
         out = self.model.apply(state.roles["seg"].variables, shown, train=False)
         for logits in out.get(EDGE_OUTPUT, ()):
             if logits.shape[1:3] != labels.shape[1:3]:
                 logits = images.resize_bilinear(logits, labels.shape[1:3])
-            panels.append(_gray(jax.nn.sigmoid(logits[..., 0].astype(jnp.float32))))
+            panels.append(images.gray_to_uint8(jax.nn.sigmoid(logits.astype(jnp.float32))))
         return {"train/edges": jnp.concatenate(panels, axis=2)}

@@ -97,6 +97,21 @@ def upsample_nearest2(x: jax.Array) -> jax.Array:
     return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
 
 
+def upsample_to_image(x: jax.Array, steps: int, out_channels: int, spectral_norm: bool = False,
+                      update_stats: bool = False) -> jax.Array:
+    """UNIT's decoder tail, called from a compact ``__call__`` (its layers are the caller's): per
+    step nearest x2, a 5x5 conv halving the channels (``up{i}``), UNIT's LayerNorm (``ln{i}``)
+    and ReLU; then a 7x7 conv to ``out_channels`` (``to_rgb``) and tanh."""
+    width = x.shape[-1]
+    for i in range(steps):
+        width = max(1, width // 2)
+        x = ReflectConv(width, 5, spectral_norm=spectral_norm, name=f"up{i}")(
+            upsample_nearest2(x), update_stats)
+        x = nn.relu(UNITLayerNorm(name=f"ln{i}")(x))
+    x = ReflectConv(out_channels, 7, spectral_norm=spectral_norm, name="to_rgb")(x, update_stats)
+    return jnp.tanh(x)
+
+
 class UNITDecoder(nn.Module):
     """Features at 1/2^upsample_steps of the image size -> an RGB image in (-1, 1).
 
@@ -122,9 +137,4 @@ class UNITDecoder(nn.Module):
                     bias_init=nn.initializers.zeros, name="proj")(features.astype(jnp.float32))
         for i in range(self.num_res_blocks):
             x = ResidualBlock(name=f"res{i}")(x)
-        width = self.width
-        for i in range(self.upsample_steps):
-            width = max(1, width // 2)
-            x = ReflectConv(width, 5, name=f"up{i}")(upsample_nearest2(x))
-            x = nn.relu(UNITLayerNorm(name=f"ln{i}")(x))
-        return jnp.tanh(ReflectConv(self.out_channels, 7, name="to_rgb")(x))
+        return upsample_to_image(x, self.upsample_steps, self.out_channels)

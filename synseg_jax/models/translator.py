@@ -67,8 +67,7 @@ import jax.numpy as jnp
 
 from synseg_jax.images import resize_nearest
 from synseg_jax.losses import mse_gan
-from synseg_jax.models.decoders import (ReflectConv, ResidualBlock, UNITLayerNorm,
-                                        upsample_nearest2)
+from synseg_jax.models.decoders import ReflectConv, ResidualBlock, upsample_to_image
 from synseg_jax.models.layers import instance_norm
 
 DOMAINS = ("source", "target")
@@ -216,14 +215,7 @@ class DomainGenerator(nn.Module):
         sn = self.spectral_norm
         x = GeneratorBlocks(self.num_blocks, self.norm, self.spade_hidden, sn,
                             self.spade_spectral_norm, name="blocks")(h, semantics, update_stats)
-        width = x.shape[-1]
-        for i in range(self.n_upsample):
-            width = max(1, width // 2)
-            x = ReflectConv(width, 5, spectral_norm=sn, name=f"up{i}")(
-                upsample_nearest2(x), update_stats)
-            x = nn.relu(UNITLayerNorm(name=f"ln{i}")(x))
-        x = ReflectConv(self.out_channels, 7, spectral_norm=sn, name="to_rgb")(x, update_stats)
-        return jnp.tanh(x)
+        return upsample_to_image(x, self.n_upsample, self.out_channels, sn, update_stats)
 
 
 class Translator(nn.Module):
