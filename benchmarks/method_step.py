@@ -10,7 +10,7 @@ Where benchmarks/model_step.py times a segmenter alone, this times `method.train
 the training loop jits it (state donated), built from the config file and preset, on a batch of
 the shapes the config's input pipeline would yield (`inputs.abstract_batch`: the crop, or the
 whole resized image when `data.crop=()`), filled with random values. Parameters are random
-(`init.*.path` is ignored: values do not change the time). Memory:
+(`init.*.path` is not read: values do not change the time). Memory:
 `compile().memory_analysis()`; "peak" = arguments + outputs + temporaries - aliased.
 
 Extra `key=value` overrides go after the preset (`structure.py:gta5,method.adversarial=False`).
@@ -51,9 +51,6 @@ def time_step(config_arg: str, repeats: int, compile_only: bool = False) -> dict
     file, _, arg = config_arg.partition(":")
     parts = [p for p in arg.split(",") if p] if arg else []
     config = runs.load_config(file, parts)
-    with config.unlocked():
-        for section in config.init.values():
-            section.path = ""
     method = methods.build(config)
     batch = random_batch(config)
     state = jax.jit(method.init)(jax.random.PRNGKey(0), batch, {})

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import runs
-from synseg_jax import checkpoint, inputs, methods, parallel
+from synseg_jax import checkpoint, images, inputs, methods, parallel
 from synseg_jax.methods import structure
 
 # name: (description, overrides)
@@ -68,7 +68,7 @@ def reconstruction_quality(config, workdir: str, max_images: int = 100) -> dict:
         result = method.model.apply(state.roles["seg"].variables, image, train=False)
         recon = method.reconstruct(state.roles["rec"].params,
                                    result["features"][method.rec_features], image.shape[1:3])
-        wanted = structure.to_unit_range(image, config.data.normalization)
+        wanted = images.to_unit_range(image, config.data.normalization)
         return (jnp.mean(jnp.abs(recon - wanted), axis=(1, 2, 3)),
                 structure.psnr_per_image(recon, wanted))
 

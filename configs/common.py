@@ -161,14 +161,15 @@ def init_section(path: str = "", scope: str = "") -> ml_collections.ConfigDict:
 
 
 def train_stage(overrides: str = "", init_from: str = "", target_from: str = "",
-                lr_mult: float = 1.0) -> ml_collections.ConfigDict:
+                lr_mult: float = 1.0, source_from: str = "") -> ml_collections.ConfigDict:
     """A training stage: the run's config with `overrides` ("key=value,..."); its segmenter
     starts from stage `init_from`'s final one when given; `target_from` names a sweep stage whose
-    dataset becomes the labelled target (data.target, target_labels=True); `lr_mult` scales
-    every role's learning rate (a fine-tune at half the rates: 0.5)."""
+    dataset becomes the labelled target (data.target, target_labels=True); `source_from` a
+    translate stage whose dataset becomes the source (data.source); `lr_mult` scales every
+    role's learning rate (a fine-tune at half the rates: 0.5)."""
     return ml_collections.ConfigDict({"kind": "train", "overrides": overrides,
                                       "init_from": init_from, "target_from": target_from,
-                                      "lr_mult": lr_mult})
+                                      "source_from": source_from, "lr_mult": lr_mult})
 
 
 def sweep_stage(models: tuple[str, ...] = (), dataset: str = "", split: str = "",
@@ -181,6 +182,15 @@ def sweep_stage(models: tuple[str, ...] = (), dataset: str = "", split: str = ""
     return ml_collections.ConfigDict({
         "kind": "sweep", "models": tuple(models), "dataset": dataset, "split": split,
         "rule": rule, "percentile": percentile, "cap": cap, "threshold": threshold})
+
+
+def translate_stage(translator: str = "", dataset: str = "",
+                    split: str = "") -> ml_collections.ConfigDict:
+    """Translates `dataset/split` (default: the translator stage's data.source / source_split)
+    with the final translator of train stage `translator`, into a dataset of translated images
+    with the split's labels, at the size the translator trained on (data.train_resize)."""
+    return ml_collections.ConfigDict({"kind": "translate", "translator": translator,
+                                      "dataset": dataset, "split": split})
 
 
 def ensemble_stage(models: tuple[str, ...] = ()) -> ml_collections.ConfigDict:

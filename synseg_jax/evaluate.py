@@ -98,14 +98,26 @@ def write_results(workdir: str, name: str, step: int, scores: metrics.Segmentati
 def restore_seg(config, workdir: str, step: int | None = None) -> tuple[dict, dict]:
     """The evaluated role's (params, collections) of a run ("seg" unless the method names
     another), read alone from its checkpoint."""
-    method = methods.build(config)
-    role = base.eval_role_of(method)
+    role = base.eval_role_of(methods.build(config))
     if role is None:
         raise ValueError(f"Method {config.method.name!r} has no segmenter to evaluate")
+    variables = restore_roles(config, workdir, (role,), step)[role]
+    params = variables.pop("params")
+    return params, variables
+
+
+def restore_roles(config, workdir: str, roles, step: int | None = None) -> dict[str, dict]:
+    """{role: variables} of the named roles of a run's checkpoint (latest or `step`), each read
+    alone (no optimiser state)."""
+    method = methods.build(config)
     abstract = jax.eval_shape(method.init, jax.random.PRNGKey(0), inputs.abstract_batch(config), {})
-    seg = abstract.roles[role]
     ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
-    return ckpt.restore_role(role, seg.params, seg.collections, step)
+    out = {}
+    for role in roles:
+        shapes = abstract.roles[role]
+        params, collections = ckpt.restore_role(role, shapes.params, shapes.collections, step)
+        out[role] = {"params": params, **collections}
+    return out
 
 
 def evaluate_checkpoint(config, workdir: str, step: int | None = None

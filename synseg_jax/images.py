@@ -57,6 +57,22 @@ def to_uint8(x, mode: str, xp=np):
     return xp.clip(xp.rint(denormalize(xp.asarray(x), mode)), 0, 255).astype(xp.uint8)
 
 
+def to_unit_range(x, normalization: str):
+    """Model input -> RGB in [-1, 1] (x / 127.5 - 1 of the 0..255 image): the space of the
+    image generators (a tanh output) of structure enhancement and the translator."""
+    return denormalize(x, normalization) / np.float32(127.5) - np.float32(1.0)
+
+
+def from_unit_range(y, normalization: str):
+    """Inverse of ``to_unit_range``: RGB in [-1, 1] -> model input, not clipped."""
+    return normalize((y + np.float32(1.0)) * np.float32(127.5), normalization)
+
+
+def unit_to_uint8(y, xp=jnp):
+    """RGB in [-1, 1] -> displayable / storable uint8 RGB, rounded and clipped."""
+    return xp.clip(xp.rint((y + 1.0) * 127.5), 0, 255).astype(xp.uint8)
+
+
 def gray_to_uint8(x):
     """A map in [0, 1], [N, H, W] or [N, H, W, 1] (edge maps, a discriminator's sigmoid) ->
     displayable uint8 RGB [N, H, W, 3], rounded. jax.numpy (jittable)."""

@@ -6,12 +6,15 @@
         --src=DeepLab_resnet_pretrained_init-f81d91e8.pth --dst=/data/weights/deeplab_init
     python -m synseg_jax.import_weights --format=stdc813 --src=STDCNet813M_73.91.tar \\
         --dst=/data/weights/stdc813
+    python -m synseg_jax.import_weights --format=fid_inception_v3 \\
+        --src=pt_inception-2015-12-05-6726825d.pth --dst=/data/weights/fid_inception
 
 Formats (``FORMATS``): torchvision_resnet50 / torchvision_resnet101 / torchvision_vgg16 (``.pth``),
 deeplab_resnet101_init (DeepLabV2's Caffe-converted ResNet-101, ``Scale.*`` names), stdc813
-(``.tar`` with the weights under "state_dict") and timm_safetensors (a timm ``resnet50`` /
-``resnet101`` ``model.safetensors``). ``.pth``/``.tar`` need torch (optional, weights-only load);
-``.safetensors`` need the ``safetensors`` package.
+(``.tar`` with the weights under "state_dict"), timm_safetensors (a timm ``resnet50`` /
+``resnet101`` ``model.safetensors``) and fid_inception_v3 (pytorch-fid's FID Inception-v3).
+``.pth``/``.tar`` need torch (optional, weights-only load); ``.safetensors`` need the
+``safetensors`` package.
 
 The output (written with ``synseg_jax.checkpoint.save_variables``) is the variables tree
 ``{"params": …, "batch_stats": …}`` of the ``--scope`` subtree of ``--model`` (default
@@ -20,6 +23,11 @@ the whole model instead, e.g. a DeepLabV2 with the init's ASPP (its class count 
 checkpoint), which loads with ``init.seg.scope=`` (empty: the whole segmenter). Leaves the checkpoint has no counterpart for (DeepLab-LargeFOV's subsampled 1024-channel
 fc6/fc7) get a fresh He-normal / zero initialisation, as the model gives them, and are listed.
 Any key or shape that does not fit fails with the list of the first mismatches.
+
+fid_inception_v3 is not a segmenter's: it writes the whole feature network of the Fréchet
+Inception Distance (``models/inception.py``), which ``synseg_jax.fid`` uses through
+``inception.fid_inception_features``; the segmenter flags (--model, --width, --scope …) do not
+apply to it.
 """
 from __future__ import annotations
 
@@ -36,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from synseg_jax import checkpoint, paths
-from synseg_jax.models import layers, segmenters, weights
+from synseg_jax.models import inception, layers, segmenters, weights
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +57,7 @@ class Format:
     model_kwargs: dict  # fixed constructor arguments of the Flax model (style, depth …)
     state_dict_key: str | None = None  # sub-dict holding the weights ("state_dict" in the tar)
     default_stage_sizes: tuple[int, ...] | None = None
+    feature_network: bool = False  # a whole non-segmenter network (FID's Inception)
 
 
 RESNET_MODELS = ("deeplabv2", "pspnet_r101")
@@ -76,7 +85,15 @@ FORMATS = {
         "STDC-Seg ImageNet STDCNet813M_73.91.tar (weights under 'state_dict')",
         "bisenet_stdc813", ("bisenet_stdc813",), {}, state_dict_key="state_dict",
         default_stage_sizes=(2, 2, 2)),
+    "fid_inception_v3": Format(
+        "pytorch-fid's FID Inception-v3 pt_inception-2015-12-05-6726825d.pth (the whole "
+        "feature network of FID, not a segmenter)",
+        "fid_inception_v3", ("fid_inception_v3",), {}, feature_network=True),
 }
+
+# Flags that only shape a segmenter, with the value that means "not given".
+SEGMENTER_FLAGS = {"model": None, "width": 1.0, "stage_sizes": None, "scope": None,
+                   "num_classes": None, "aspp_two_branch": False}
 
 RESNET_DEPTHS = {(3, 4, 6, 3): 50, (3, 4, 23, 3): 101}
 
@@ -184,6 +201,9 @@ def convert(fmt_name: str, src: str, model_name: str | None = None, width: float
     if fmt_name not in FORMATS:
         raise ValueError(f"unknown --format {fmt_name!r}; one of {', '.join(FORMATS)}")
     fmt = FORMATS[fmt_name]
+    if fmt.feature_network:
+        raise ValueError(f"{fmt_name} is a feature network, not a segmenter: use "
+                         "convert_feature_network")
     model_name = model_name or fmt.default_model
     if model_name not in fmt.models:
         raise ValueError(f"--model={model_name} does not fit {fmt_name}; one of {fmt.models}")
@@ -226,6 +246,33 @@ def convert(fmt_name: str, src: str, model_name: str | None = None, width: float
     return variables, config, kept
 
 
+def convert_feature_network(fmt_name: str, src: str) -> dict:
+    """Reads ``src`` and returns the whole network's variables (only fid_inception_v3 so far);
+    every leaf comes from the file, or the import fails listing what does not fit."""
+    if fmt_name != "fid_inception_v3":
+        raise ValueError(f"{fmt_name!r} is not a feature-network format")
+    state_dict = _load_state_dict(FORMATS[fmt_name], src)
+    imported = weights.import_fid_inception(state_dict, inception.abstract_variables())
+    return jax.tree_util.tree_map(np.asarray, imported)
+
+
+def _main_feature_network(args: argparse.Namespace) -> int:
+    given = [f"--{name.replace('_', '-')}" for name, unset in SEGMENTER_FLAGS.items()
+             if getattr(args, name) != unset]
+    if given:
+        raise ValueError(f"--format={args.format} writes the whole feature network; "
+                         f"{', '.join(given)} only apply to segmenter formats")
+    check_destination(args.dst, args.overwrite)
+    variables = convert_feature_network(args.format, args.src)
+    checkpoint.save_variables(args.dst, variables)
+    count = sum(int(np.prod(np.shape(x))) for x in jax.tree.leaves(variables))
+    print(f"Wrote {count:,} values ({', '.join(sorted(variables))}) to {args.dst}")
+    print("Use them as FID's feature network (Python): "
+          "synseg_jax.models.inception.fid_inception_features("
+          f"synseg_jax.checkpoint.load_variables({args.dst!r}))")
+    return 0
+
+
 def check_destination(dst: str, overwrite: bool) -> None:
     """Refuses a --dst that holds anything (a run's checkpoints, other weights) unless
     --overwrite: the writer would delete it."""
@@ -258,7 +305,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--width", type=float, default=1.0, help="channel multiplier (1.0)")
     parser.add_argument("--stage-sizes", type=_parse_sizes, default=None,
                         help="blocks per stage, e.g. 3,4,23,3 (default: the format's)")
-    parser.add_argument("--scope", default="backbone",
+    parser.add_argument("--scope", default=None,
                         help="subtree to write: 'backbone' (default) or '' for the whole model")
     parser.add_argument("--num-classes", type=int, default=None,
                         help="whole-model import: class count (default: from the checkpoint)")
@@ -268,9 +315,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="replace what an existing, non-empty --dst holds")
     args = parser.parse_args(argv)
     args.src, args.dst = paths.absolute(args.src), paths.absolute(args.dst)
+    if FORMATS[args.format].feature_network:
+        return _main_feature_network(args)
     check_destination(args.dst, args.overwrite)
 
-    scope = tuple(p for p in args.scope.split("/") if p)
+    scope = tuple(p for p in ("backbone" if args.scope is None else args.scope).split("/") if p)
     variables, config, kept = convert(args.format, args.src, args.model, args.width,
                                       args.stage_sizes, scope, args.num_classes,
                                       args.aspp_two_branch)

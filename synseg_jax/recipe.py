@@ -2,7 +2,8 @@
 
 A config without stages is one training run in the workdir. With `config.stages`, each stage
 runs in ``<workdir>/<stage>``: a train stage trains (resuming from its own checkpoints), a sweep
-stage pseudo-labels a split into a dataset. A finished stage leaves ``DONE.json`` and is skipped
+stage pseudo-labels a split into a dataset, a translate stage writes a split translated by an
+earlier stage's translator as a dataset, an ensemble stage scores earlier models together. A finished stage leaves ``DONE.json`` and is skipped
 when the command is run again, so a killed recipe resumes in the stage it was in.
 """
 
@@ -148,6 +149,10 @@ def stage_config(config: ml_collections.ConfigDict, workdir: str,
             out.data.target = sweep.dataset_name(os.path.join(workdir, stage.target_from))
             out.data.target_split = sweep.SPLIT
             out.data.target_labels = True
+        if stage.get("source_from"):
+            _check_earlier(config, name, stage.source_from, "translate")
+            out.data.source = sweep.dataset_name(os.path.join(workdir, stage.source_from))
+            out.data.source_split = sweep.SPLIT
     out.lock()
     return out
 
@@ -176,8 +181,9 @@ def _run_train_stage(config, workdir: str, name: str, allow_config_change: bool)
     stage_dir = os.path.join(workdir, name)
     cfg = ensure_pretrained(stage_config(config, workdir, name), stage_dir)
     results = train.train_and_evaluate(cfg, stage_dir, allow_config_change)
-    # Later stages start from (init_from) or sweep with this stage's final segmenter.
-    export_role(cfg, stage_dir, os.path.join(stage_dir, "final_weights"))
+    if base.eval_role_of(methods.build(cfg)) is not None:
+        # Later stages start from (init_from) or sweep with this stage's final segmenter.
+        export_role(cfg, stage_dir, os.path.join(stage_dir, "final_weights"))
     return {k: v.miou_19 for k, v in results.items()}
 
 
@@ -248,6 +254,27 @@ def _run_sweep_stage(config, workdir: str, name: str) -> dict:
     return sweep.pseudo_label(config, models, dataset, split, os.path.join(workdir, name), rule)
 
 
+def _run_translate_stage(config, workdir: str, name: str) -> dict:
+    """Translates the source split (or `dataset/split`) with the final translator of train
+    stage `stages.<name>.translator`, conditioned as it was trained, into a dataset."""
+    stage = config.stages[name]
+    if not stage.translator:
+        raise ValueError(f"Stage {name!r} names no translator stage (stages.{name}.translator)")
+    _check_earlier(config, name, stage.translator, "train")
+    cfg = stage_config(config, workdir, stage.translator)
+    method = methods.build(cfg)
+    if not hasattr(method, "translate"):
+        raise ValueError(f"Stage {name!r} translates with stage {stage.translator!r}, whose "
+                         f"method {cfg.method.name!r} has no translator")
+    variables = evaluate.restore_roles(cfg, os.path.join(workdir, stage.translator),
+                                       method.translate_roles)
+    translate = jax.jit(lambda x: method.translate(variables, x))
+    dataset = stage.dataset or cfg.data.source
+    split = stage.split or cfg.data.source_split
+    size = tuple(cfg.data.train_resize) or None
+    return sweep.translate_split(cfg, translate, dataset, split, os.path.join(workdir, name), size)
+
+
 def run_stages(config: ml_collections.ConfigDict, workdir: str,
                allow_config_change: bool = False) -> dict:
     """Runs every stage not yet done, in order; returns {stage: its summary}."""
@@ -267,9 +294,11 @@ def run_stages(config: ml_collections.ConfigDict, workdir: str,
             summary = _run_sweep_stage(config, workdir, name)
         elif stage.kind == "ensemble":
             summary = _run_ensemble_stage(config, workdir, name)
+        elif stage.kind == "translate":
+            summary = _run_translate_stage(config, workdir, name)
         else:
             raise ValueError(f"Stage {name!r} has kind {stage.kind!r}; expected 'train', "
-                             "'sweep' or 'ensemble'")
+                             "'sweep', 'ensemble' or 'translate'")
         if jax.process_index() == 0:
             with open(done, "w") as f:
                 json.dump(summary, f, indent=2)
@@ -278,10 +307,17 @@ def run_stages(config: ml_collections.ConfigDict, workdir: str,
 
 
 def last_train_stage(config: ml_collections.ConfigDict) -> str:
-    names = [n for n in stage_names(config) if config.stages[n].kind == "train"]
+    """The last train stage with a segmenter to evaluate (a translator stage has none)."""
+    names = [n for n in stage_names(config) if config.stages[n].kind == "train"
+             and base.eval_role_of(methods.METHODS.get(stage_method(config, n))) is not None]
     if not names:
         raise ValueError("The config's stages have no train stage to evaluate")
     return names[-1]
+
+
+def stage_method(config: ml_collections.ConfigDict, name: str) -> str:
+    """The method a train stage runs (the run's, or its overrides')."""
+    return config_keys.apply_overrides(config, config.stages[name].overrides).method.name
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, mode: str = "train",

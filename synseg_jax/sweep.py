@@ -1,4 +1,7 @@
-"""Sweep stages: run trained segmenters over a split and write what they say as a dataset.
+"""Sweep stages: run trained networks over a split and write what they make as a dataset.
+
+Two kinds: pseudo-labels of a target split (below), and translations of a source split by an
+image translator (`translate_split`), kept with the source's labels.
 
 The first kind is pseudo-labelling for self-training: the softmax of one model (or the mean of
 several, an ensemble) on every image of the target split, turned into labels by a
@@ -19,14 +22,17 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from collections.abc import Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from PIL import Image
+
 from synseg_jax import evaluate, images, inputs, pseudo_labels
-from synseg_jax.data import datasets, labels
+from synseg_jax.data import datasets, labels, pipeline
 from synseg_jax.data.builders import derived
 
 Model = tuple[Callable, dict]  # (predict, variables)
@@ -126,6 +132,93 @@ def pseudo_label(config, models: Sequence[Model], dataset: str, split: str, fold
     with open(report_path, "w") as f:
         json.dump(report, f, indent=2)
     logging.info("Pseudo-labelled %d images of %s/%s into %s", written, dataset, split, folder)
+    return report
+
+
+TRANSLATED_IMAGES = "images"  # <folder>/images/<name>.png: one file per translated example
+
+
+def _file_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]", "_", name) + ".png"
+
+
+def _write_png_atomically(path: str, rgb: np.ndarray) -> None:
+    """A file that exists is whole: written beside it, then renamed over it."""
+    tmp = path + ".tmp"
+    Image.fromarray(rgb).save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def translate_split(config, translate: Callable, dataset: str, split: str, folder: str,
+                    size: tuple[int, int] | None) -> dict:
+    """Writes `dataset/split` translated by `translate` (model-input images [1, H, W, 3] ->
+    uint8 RGB [1, H, W, 3], jitted) with the split's own labels as a derived dataset in
+    `folder`; returns (and writes to ``<folder>/report.json``) what was written.
+
+    Each image is resized (bilinear, antialiased when shrinking, as training reads it) to `size`
+    (None: its own size) and its trainId label (nearest) with it. Resumable: every translation
+    is first written whole to ``<folder>/images/<name>.png``, and a rerun after a kill
+    translates only the images missing there; the dataset is built from those files and is
+    readable only once ``report.json`` exists.
+    """
+    if jax.process_count() != 1:
+        raise NotImplementedError("translation sweeps run in a single process for now")
+    report_path = os.path.join(folder, "report.json")
+    if os.path.exists(report_path):
+        logging.info("Translations already written to %s; reusing them", folder)
+        with open(report_path) as f:
+            return json.load(f)
+    image_dir = os.path.join(folder, TRANSLATED_IMAGES)
+    os.makedirs(image_dir, exist_ok=True)
+    data = config.data
+    import tensorflow as tf  # noqa: PLC0415  (decoding and resizing as the training pipeline)
+
+    def resized(example):
+        image, label = tf.convert_to_tensor(example["image"]), example["gt"]
+        if label is None:
+            raise ValueError(f"{dataset}/{split} has no labels: a translated source split keeps "
+                             "its labels for the segmentation stage, so it must have them")
+        label = tf.convert_to_tensor(label)
+        if size:
+            image, label = pipeline.resize(image, label, size)
+        return image, label.numpy()
+
+    translated = reused = 0
+    for example in _examples(data, dataset, split):
+        path = os.path.join(image_dir, _file_name(example["name"]))
+        if os.path.exists(path):
+            reused += 1
+            continue
+        image, _ = resized(example)
+        x = pipeline.normalize(image, data.normalization).numpy()[None]
+        _write_png_atomically(path, np.asarray(translate(x))[0])
+        translated += 1
+    logging.info("Translated %d images of %s/%s (%d kept from an earlier run)", translated,
+                 dataset, split, reused)
+
+    def written():
+        for example in _examples(data, dataset, split):
+            _, label = resized(example)
+            with Image.open(os.path.join(image_dir, _file_name(example["name"]))) as img:
+                rgb = np.asarray(img.convert("RGB"))
+            if rgb.shape[:2] != label.shape:
+                raise ValueError(f"Translated image of {example['name']} is "
+                                 f"{rgb.shape[0]}x{rgb.shape[1]}, its label "
+                                 f"{label.shape[0]}x{label.shape[1]}")
+            yield example["name"], {"image": rgb, "label": label[..., None],
+                                    "name": example["name"]}
+
+    if os.path.isdir(os.path.join(folder, derived.Derived.name)):
+        # Built but killed before the report: TFDS renames a finished dataset into place, so
+        # whatever is there is either whole or TFDS's own temporary folder, which it replaces.
+        logging.info("Reusing the translated dataset already built in %s", folder)
+    builder = derived.Derived(data_dir=folder, examples=written)
+    builder.download_and_prepare()
+    report = {"dataset": dataset, "split": split, "size": list(size) if size else None,
+              "examples": translated + reused, "translated_now": translated,
+              "kept_from_earlier_run": reused}
+    with open(report_path, "w") as f:
+        json.dump(report, f, indent=2)
     return report
 
 

@@ -95,8 +95,8 @@ def test_l1_reduction_and_image_range():
     normalization = "caffe_bgr"
     black = images.normalize(jnp.zeros((1, 4, 4, 3)), normalization)
     white = images.normalize(jnp.full((1, 4, 4, 3), 255.0), normalization)
-    np.testing.assert_allclose(structure.to_unit_range(black, normalization), -1.0, atol=1e-5)
-    np.testing.assert_allclose(structure.to_unit_range(white, normalization), 1.0, atol=1e-5)
+    np.testing.assert_allclose(images.to_unit_range(black, normalization), -1.0, atol=1e-5)
+    np.testing.assert_allclose(images.to_unit_range(white, normalization), 1.0, atol=1e-5)
     a, b = jnp.zeros((2, 4, 5, 3)), jnp.full((2, 4, 5, 3), 0.5)
     assert float(structure.l1(a, b, "sum")) == pytest.approx(0.5 * 4 * 5 * 3)  # per image
     assert float(structure.l1(a, b, "mean")) == pytest.approx(0.5)

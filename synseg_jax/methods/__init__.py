@@ -4,6 +4,7 @@ from synseg_jax.methods.adversarial import Adversarial
 from synseg_jax.methods.classifier import Classifier
 from synseg_jax.methods.road import Road
 from synseg_jax.methods.self_training import SelfTraining
+from synseg_jax.methods.semantic_translation import SemanticTranslation
 from synseg_jax.methods.source_only import SourceOnly
 from synseg_jax.methods.structure import StructureEnhancement
 from synseg_jax.methods.tsg_ssi import TsgSsi
@@ -16,6 +17,7 @@ METHODS = {
     "adversarial": Adversarial,
     "structure": StructureEnhancement,
     "tsg_ssi": TsgSsi,
+    "semantic_translation": SemanticTranslation,
 }
 
 

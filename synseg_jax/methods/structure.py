@@ -52,11 +52,6 @@ DISC_INPUTS = ("logits", "image")
 ENCODER_GRADS = ("average", "sum")
 
 
-def to_unit_range(x: jax.Array, normalization: str) -> jax.Array:
-    """Model input -> RGB in [-1, 1], the space G reconstructs in."""
-    return images.denormalize(x, normalization) / 127.5 - 1.0
-
-
 def l1(reconstruction: jax.Array, image: jax.Array, reduction: str) -> jax.Array:
     """L1 distance: "sum" over each image's pixels and channels, then the batch mean; "mean"
     over every element."""
@@ -199,7 +194,7 @@ class StructureEnhancement:
                 features = scale_gradient(out["features"][self.rec_features],
                                           self.branch_scale)
                 recon = self.reconstruct(rec_params, features, image.shape[1:3])
-                wanted = to_unit_range(image, self.normalization)
+                wanted = images.to_unit_range(image, self.normalization)
                 rec = l1(recon, wanted, self.reduction)
                 terms[f"loss/rec_{domain}"] = rec
                 terms[f"train/rec_psnr_{domain}"] = psnr(jax.lax.stop_gradient(recon), wanted)
@@ -257,8 +252,7 @@ class StructureEnhancement:
             if self.use_rec:
                 recon = self.reconstruct(state.roles["rec"].params,
                                          result["features"][self.rec_features], shown.shape[1:3])
-                out[f"train/{domain}_reconstruction"] = jnp.clip(
-                    jnp.rint((recon + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
+                out[f"train/{domain}_reconstruction"] = images.unit_to_uint8(recon)
             if self.use_adv and domain == "target":
                 probs = self.disc_view(result["logits"], shown.shape[1:3])
                 d = self.disc.apply({"params": state.roles["disc"].params}, probs)

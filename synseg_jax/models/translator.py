@@ -14,7 +14,7 @@ Layout, following the translation paper's appendix table (widths for ``dim=64``,
 - generator G_d: four residual blocks whose normalisation is SPADE (a parameter-free instance
   norm, then a per-pixel scale and shift computed from the semantic map), ReLU; then per
   upsampling step nearest x2, a 5x5 conv halving the channels, UNIT's LayerNorm, ReLU; a 7x7 conv
-  to RGB with tanh, so images live in (-1, 1) (``methods/structure.to_unit_range``'s space).
+  to RGB with tanh, so images live in (-1, 1) (``images.to_unit_range``'s space).
 - discriminator D_d: ``num_scales`` (3) PatchGANs on the image, then on its 3x3 stride-2
   average-pooled copies (padding 1, the padding not counted, as MUNIT's ``AvgPool2d(...,
   count_include_pad=False)``); each 4x4 stride-2 convs 64, 128, 256, 512 with LeakyReLU 0.2 and

@@ -2,7 +2,8 @@
 
 Families: torchvision ResNet-50/101 and VGG16, timm ResNets (same names as torchvision), DeepLabV2's
 Caffe-converted ResNet-101 init (``Scale.``-prefixed names, ASPP as ``layer5.conv2d_list``), and
-STDC813/STDC1446 (``features.{i}``), plus the STDC-Seg BiSeNet head names.
+STDC813/STDC1446 (``features.{i}``), plus the STDC-Seg BiSeNet head names, and the Inception-v3
+of the Fréchet Inception Distance (pytorch-fid's port of TF FID's network, torchvision's names).
 
 Input is a PyTorch ``state_dict`` already turned into ``{name: numpy array}``; ``load_tensor_file``
 reads one from ``.pth``/``.tar`` (needs torch, imported lazily) or ``.safetensors``. The Flax
@@ -450,6 +451,33 @@ def import_stdcseg_bisenet(state_dict: Mapping[str, np.ndarray], variables: Mapp
     ignore = tuple(f"cp.backbone.{p}" for p in STDC_IGNORED) + ("conv_out_sp",)
     return import_state_dict(state_dict, variables, stdcseg_bisenet_naming(stage_sizes), (),
                              ignore_prefixes=ignore)
+
+
+# pt_inception-2015-12-05-6726825d.pth (pytorch-fid's port of TF FID's Inception-v3) is the
+# state_dict of torchvision's ``Inception3`` built with 1008 classes and no auxiliary classifier:
+# ``{module path}.conv.weight`` and ``{module path}.bn.{weight,bias,running_mean,running_var}``
+# for every BasicConv2d (``Conv2d_1a_3x3``, ``Mixed_5b.branch1x1``, ``Mixed_7c.branch3x3_2a`` …),
+# plus the 1008-way classifier ``fc``, which FID does not use. ``inception.FIDInceptionV3``
+# keeps torchvision's module names, so a leaf's Flax path is its PyTorch key with "/" for ".".
+FID_INCEPTION_IGNORED = ("fc.",)
+
+
+def fid_inception_naming(path: tuple[str, ...]) -> Source | None:
+    """``inception.FIDInceptionV3`` leaf → pytorch-fid Inception key: ``A/B/conv/kernel`` →
+    ``A.B.conv.weight``, ``A/B/bn/{scale,bias,mean,var}`` → ``A.B.bn.{weight,bias,running_*}``."""
+    if len(path) < 3:
+        return None
+    module = ".".join(path[:-2])
+    return _conv_or_bn(f"{module}.conv", f"{module}.bn", path[-2], path[-1])
+
+
+def import_fid_inception(state_dict: Mapping[str, np.ndarray], variables: Mapping[str, Any]
+                         ) -> dict:
+    """pytorch-fid's FID Inception weights into a whole ``inception.FIDInceptionV3``; the
+    classifier ``fc`` is ignored. Any other key left over (e.g. torchvision's ``AuxLogits``, a
+    sign of torchvision's ImageNet Inception, which is not FID's network) is an error."""
+    return import_state_dict(state_dict, variables, fid_inception_naming, (),
+                             ignore_prefixes=FID_INCEPTION_IGNORED)
 
 
 # ---------------------------------------------------------------------------------------------
