@@ -64,10 +64,20 @@ def config_for(row: str, seed: int, args):
             source.overrides += ",data.source_split=real_train"
             config.stages = {"source": source}
             config.stage_order = ("source",)
-        return config
+        return shared_pretraining(config, args)
     _, overrides, rounds = ROWS[row]
-    return runs.load_config("semantic_translation.py",
-                            ["demo", f"rounds={rounds}", overrides, *common])
+    config = runs.load_config("semantic_translation.py",
+                              ["demo", f"rounds={rounds}", overrides, *common])
+    return shared_pretraining(config, args)
+
+
+def shared_pretraining(config, args):
+    """Every stage of every row and seed starts from one demo pretraining, in --workdir (a
+    recipe's stages would otherwise look for it beside themselves, inside each run)."""
+    with config.unlocked():
+        config.pretrain.workdir = recipe.demo_backbone_dir(
+            config, os.path.join(os.path.abspath(args.workdir), "any_run"))
+    return config
 
 
 def demo_features(config, workdir: str):

@@ -232,15 +232,24 @@ def run(config, workdir: str, dataset: str, split: str, out_dir: str, *, step: i
     return export_split(config, method.predict, variables, dataset, split, out_dir, colour_dir)
 
 
+def command_config(argv):
+    """What the export commands (predict, translate) start with: no stray arguments, INFO
+    logging, and the --config flag's config with its paths made absolute."""
+    from absl import flags  # noqa: PLC0415
+
+    if len(argv) > 1:
+        raise ValueError(f"Unexpected arguments: {argv[1:]}")
+    logging.getLogger().setLevel(logging.INFO)
+    config = flags.FLAGS.config
+    paths.resolve_config_paths(config)
+    return config
+
+
 def main(argv):
     from absl import flags  # noqa: PLC0415
 
     FLAGS = flags.FLAGS
-    if len(argv) > 1:
-        raise ValueError(f"Unexpected arguments: {argv[1:]}")
-    logging.getLogger().setLevel(logging.INFO)
-    config = FLAGS.config
-    paths.resolve_config_paths(config)
+    config = command_config(argv)
     dataset = FLAGS.dataset or config.data.eval_dataset
     split = FLAGS.split or config.data.eval_split
     out = paths.absolute(FLAGS.out)

@@ -272,7 +272,8 @@ def _run_translate_stage(config, workdir: str, name: str) -> dict:
     dataset = stage.dataset or cfg.data.source
     split = stage.split or cfg.data.source_split
     size = tuple(cfg.data.train_resize) or None
-    return sweep.translate_split(cfg, translate, dataset, split, os.path.join(workdir, name), size)
+    return sweep.translate_split(cfg, translate, dataset, split, os.path.join(workdir, name), size,
+                                 batch_size=cfg.data.eval_batch_size)
 
 
 def run_stages(config: ml_collections.ConfigDict, workdir: str,

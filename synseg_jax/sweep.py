@@ -150,10 +150,11 @@ def _write_png_atomically(path: str, rgb: np.ndarray) -> None:
 
 
 def translate_split(config, translate: Callable, dataset: str, split: str, folder: str,
-                    size: tuple[int, int] | None) -> dict:
-    """Writes `dataset/split` translated by `translate` (model-input images [1, H, W, 3] ->
-    uint8 RGB [1, H, W, 3], jitted) with the split's own labels as a derived dataset in
-    `folder`; returns (and writes to ``<folder>/report.json``) what was written.
+                    size: tuple[int, int] | None, batch_size: int = 1) -> dict:
+    """Writes `dataset/split` translated by `translate` (model-input images [B, H, W, 3] ->
+    uint8 RGB [B, H, W, 3], jitted) with the split's own labels as a derived dataset in
+    `folder`; returns (and writes to ``<folder>/report.json``) what was written. Images of
+    one size go through `translate` up to `batch_size` at a time.
 
     Each image is resized (bilinear, antialiased when shrinking, as training reads it) to `size`
     (None: its own size) and its trainId label (nearest) with it. Resumable: every translation
@@ -184,15 +185,28 @@ def translate_split(config, translate: Callable, dataset: str, split: str, folde
         return image, label.numpy()
 
     translated = reused = 0
+    pending: list[tuple[str, np.ndarray]] = []  # (path, model-input image) of one batch
+
+    def flush():
+        nonlocal translated
+        if pending:
+            out = np.asarray(translate(np.stack([x for _, x in pending])))
+            for (path, _), rgb in zip(pending, out):
+                _write_png_atomically(path, rgb)
+            translated += len(pending)
+            pending.clear()
+
     for example in _examples(data, dataset, split):
         path = os.path.join(image_dir, _file_name(example["name"]))
         if os.path.exists(path):
             reused += 1
             continue
         image, _ = resized(example)
-        x = pipeline.normalize(image, data.normalization).numpy()[None]
-        _write_png_atomically(path, np.asarray(translate(x))[0])
-        translated += 1
+        x = pipeline.normalize(image, data.normalization).numpy()
+        if pending and (x.shape != pending[0][1].shape or len(pending) == batch_size):
+            flush()
+        pending.append((path, x))
+    flush()
     logging.info("Translated %d images of %s/%s (%d kept from an earlier run)", translated,
                  dataset, split, reused)
 

@@ -164,7 +164,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     rng = jax.random.PRNGKey(config.seed)
     # A resumed run takes every role from its checkpoint, so the files are not read again.
     pretrained = load_initial_weights(config, method.roles) if start_step == 0 else {}
-    state = jax.jit(method.init, out_shardings=repl)(rng, batch, pretrained)
+    state = jax.jit(method.init, out_shardings=repl, compiler_options=init_compiler_options())(
+        rng, batch, pretrained)
     if start_step:
         state = ckpt.restore(state)
         logging.info("Resumed from step %d of %s", start_step, ckpt.directory)
@@ -235,6 +236,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     if results and jax.process_index() == 0:
         evaluate.write_summary(workdir)
     return results
+
+
+def init_compiler_options() -> dict | None:
+    """A method's init runs once, so XLA's backend optimisations only lengthen its compile: on
+    the CPU, where they cost most (a translator's spectral-norm init: minutes), they are off."""
+    return {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
 
 
 def with_input_transform(fn, config: ml_collections.ConfigDict, show_original: bool = False):

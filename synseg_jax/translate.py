@@ -77,11 +77,7 @@ def main(argv):
     from absl import flags  # noqa: PLC0415
 
     FLAGS = flags.FLAGS
-    if len(argv) > 1:
-        raise ValueError(f"Unexpected arguments: {argv[1:]}")
-    logging.getLogger().setLevel(logging.INFO)
-    config = FLAGS.config
-    paths.resolve_config_paths(config)
+    config = predict.command_config(argv)
     try:
         config, method, variables = translator_of(config, paths.absolute(FLAGS.workdir),
                                                   FLAGS.stage or "", FLAGS.step)

@@ -182,10 +182,11 @@ def test_recipe_translates_pseudo_labels_and_trains_and_a_killed_translation_res
     assert config.stage_order == ("source", "trans1", "translate1", "pseudo1", "seg1")
     workdir = str(tmp_path / "run")
 
-    # Kill the translate stage after two images: nothing of it may be read as finished.
+    # Kill the translate stage after two batches: nothing of it may be read as finished.
     real_split = sweep.translate_split
+    per_batch = config.data.eval_batch_size  # images per translate call
 
-    def killed(cfg, translate, *args):
+    def killed(cfg, translate, *args, **kwargs):
         calls = []
 
         def dying(x):
@@ -194,7 +195,7 @@ def test_recipe_translates_pseudo_labels_and_trains_and_a_killed_translation_res
             calls.append(1)
             return translate(x)
 
-        return real_split(cfg, dying, *args)
+        return real_split(cfg, dying, *args, **kwargs)
 
     monkeypatch.setattr(sweep, "translate_split", killed)
     with pytest.raises(SimulatedKill):
@@ -202,7 +203,7 @@ def test_recipe_translates_pseudo_labels_and_trains_and_a_killed_translation_res
     folder = os.path.join(workdir, "translate1")
     assert not os.path.exists(os.path.join(folder, recipe.DONE))
     assert not os.path.exists(os.path.join(folder, "report.json"))
-    assert len(os.listdir(os.path.join(folder, sweep.TRANSLATED_IMAGES))) == 2
+    assert len(os.listdir(os.path.join(folder, sweep.TRANSLATED_IMAGES))) == 2 * per_batch
 
     monkeypatch.setattr(sweep, "translate_split", real_split)
     trained = []
@@ -213,8 +214,8 @@ def test_recipe_translates_pseudo_labels_and_trains_and_a_killed_translation_res
     assert trained == ["seg1"]  # source and trans1 were done; the sweep finished what was left
     with open(os.path.join(folder, "report.json")) as f:
         report = json.load(f)
-    assert report["examples"] == 16 and report["kept_from_earlier_run"] == 2
-    assert report["translated_now"] == 14
+    assert report["examples"] == 16 and report["kept_from_earlier_run"] == 2 * per_batch
+    assert report["translated_now"] == 16 - 2 * per_batch
 
     # The translated dataset: every source image once, translated by the stage's translator,
     # with the source's own labels.

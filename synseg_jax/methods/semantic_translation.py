@@ -150,7 +150,8 @@ class SemanticTranslation:
         return new_state(rng, {"trans": trans, "disc_img": disc, "seg": seg})
 
     def _init_translator(self, rng, unit: jax.Array, semantics: jax.Array) -> RoleState:
-        variables = self.translator.init(rng, unit, unit, semantics, semantics)
+        variables = self.translator.init(rng, unit, semantics,
+                                         method=Translator.create_variables)
         params = variables.pop("params")
         return RoleState(params, dict(variables), self.trans_opt.tx.init(params))
 

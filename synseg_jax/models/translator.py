@@ -317,6 +317,14 @@ class Translator(nn.Module):
         }
 
 
+    def create_variables(self, x: jax.Array, semantics: jax.Array) -> jax.Array:
+        """Touches every layer once (each encoder, each generator): the cheapest trace that
+        creates all variables, for ``init(..., method=Translator.create_variables)``."""
+        h_s = self.encode(x, "source")
+        h_t = self.encode(x, "target")
+        return self.decode(h_s, semantics, "target") + self.decode(h_t, semantics, "source")
+
+
 def conditioning_channels(params: Any) -> int | None:
     """The number of semantic channels (classes) a translator's params were built for, read
     from a SPADE's first conv; None for an unconditioned (``norm="in"``) translator. Lets a
