@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import adversarial, pretrain, road, self_training, source_only, structure, tsg_ssi
+from configs import (adversarial, pretrain, road, self_training, semantic_translation,
+                     source_only, structure, tsg_ssi)
 from synseg_jax import checkpoint, inputs, methods
 from synseg_jax import state as state_lib
 from synseg_jax.methods import base
@@ -29,6 +30,12 @@ CONFIGS = {
     "structure": (structure, ["method.rec_width=8", "method.rec_res_blocks=1",
                               "method.disc_width=4"]),
     "tsg_ssi": (tsg_ssi, []),
+    # A translator stage: its segmenter is frozen (init.seg.path names weights the recipe would
+    # load; a random one stands in here) and it has no evaluated role.
+    "semantic_translation": (semantic_translation, [
+        "method.name=semantic_translation", "init.seg.path=unused", "init.seg.scope=",
+        "method.translator_dim=4", "method.translator_res=2", "method.spade_hidden=4",
+        "method.disc_dim=4", "method.disc_scales=2", "method.disc_layers=2"]),
 }
 
 
@@ -70,16 +77,22 @@ def test_method_protocol(name, tmp_path):
     for role, role_state in new_state.roles.items():
         if role_state.opt_state is not None:
             assert f"lr/{role}" in metrics, role
+    # The role a later stage takes: the evaluated one, or (a translator stage) the first trained.
+    role = base.eval_role_of(method) or next(
+        r for r in method.roles if new_state.roles[r].opt_state is not None)
     changed = jax.tree_util.tree_map(lambda a, b: bool(jnp.any(a != b)),
-                                     state.roles[base.eval_role_of(method)].params,
-                                     new_state.roles[base.eval_role_of(method)].params)
-    assert any(jax.tree_util.tree_leaves(changed))  # the step trained the evaluated role
+                                     state.roles[role].params, new_state.roles[role].params)
+    assert any(jax.tree_util.tree_leaves(changed))  # the step trained that role
 
-    role = base.eval_role_of(method)
-    variables = new_state.roles[role].variables
-    logits = method.predict(variables, batch["source"]["image"])
-    assert logits.shape[0] == batch["source"]["image"].shape[0]
-    assert logits.shape[-1] == config.model.num_classes
+    images = batch["source"]["image"]
+    if base.eval_role_of(method) is not None:
+        logits = method.predict(new_state.roles[role].variables, images)
+        assert logits.shape[0] == images.shape[0]
+        assert logits.shape[-1] == config.model.num_classes
+    else:  # a stage without an evaluated role produces images instead
+        translated = method.translate(
+            {r: new_state.roles[r].variables for r in method.translate_roles}, images)
+        assert translated.shape == images.shape and translated.dtype == jnp.uint8
 
     ckpt = checkpoint.Checkpointer(str(tmp_path / "checkpoints"))
     ckpt.save(1, new_state)
