@@ -8,17 +8,29 @@
         --dst=/data/weights/stdc813
     python -m synseg_jax.import_weights --format=fid_inception_v3 \\
         --src=pt_inception-2015-12-05-6726825d.pth --dst=/data/weights/fid_inception
+    python -m synseg_jax.import_weights --format=adaptsegnet_deeplab_multi \\
+        --src=GTA2Cityscapes_multi-ed35151c.pth --dst=/data/weights/adaptsegnet_multi
+    python -m synseg_jax.import_weights --format=stdcseg_bisenet \\
+        --src=model_maxmIOU75.pth --dst=/data/weights/stdc1_seg
 
 Formats (``FORMATS``): torchvision_resnet50 / torchvision_resnet101 / torchvision_vgg16 (``.pth``),
 deeplab_resnet101_init (DeepLabV2's Caffe-converted ResNet-101, ``Scale.*`` names), stdc813
 (``.tar`` with the weights under "state_dict"), timm_safetensors (a timm ``resnet50`` /
-``resnet101`` ``model.safetensors``) and fid_inception_v3 (pytorch-fid's FID Inception-v3).
+``resnet101`` ``model.safetensors``) and fid_inception_v3 (pytorch-fid's FID Inception-v3); two
+formats hold a whole trained segmenter and write it whole by default: adaptsegnet_deeplab_multi
+(AdaptSegNet's multi-level DeepLabV2: backbone, ``layer6`` = ASPP on layer4 → ``head``, ``layer5``
+= ASPP on layer3 → ``head_aux``; two-branch ASPPs, as AdaptSegNet's forward sums only the first
+two convs, unless ``--no-aspp-two-branch``) and stdcseg_bisenet (STDC-Seg's trained BiSeNet,
+``model_maxmIOU50/75.pth``: InPlace-ABN's γ in the head becomes the BatchNorm scale |γ| + 1e-5,
+the detail heads ``conv_out_sp*`` are dropped; STDC1 or STDC2 read from the file).
 ``.pth``/``.tar`` need torch (optional, weights-only load); ``.safetensors`` need the
 ``safetensors`` package.
 
 The output (written with ``synseg_jax.checkpoint.save_variables``) is the variables tree
 ``{"params": …, "batch_stats": …}`` of the ``--scope`` subtree of ``--model`` (default
-``backbone``); the command prints the config overrides that load it. ``--scope=`` (empty) writes
+``backbone``, or the whole model for the two trained-model formats); the command prints the config
+overrides that load it, every model field the weights fix included (``model.multi_level``,
+``model.aspp_two_branch``, ``model.stage_sizes`` …). ``--scope=`` (empty) writes
 the whole model instead, e.g. a DeepLabV2 with the init's ASPP (its class count is read from the
 checkpoint), which loads with ``init.seg.scope=`` (empty: the whole segmenter). Leaves the checkpoint has no counterpart for (DeepLab-LargeFOV's subsampled 1024-channel
 fc6/fc7) get a fresh He-normal / zero initialisation, as the model gives them, and are listed.
@@ -45,6 +57,7 @@ import numpy as np
 
 from synseg_jax import checkpoint, paths
 from synseg_jax.models import inception, layers, segmenters, weights
+from synseg_jax.models.stdc import STAGE_SIZES as STDC_STAGE_SIZES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +71,12 @@ class Format:
     state_dict_key: str | None = None  # sub-dict holding the weights ("state_dict" in the tar)
     default_stage_sizes: tuple[int, ...] | None = None
     feature_network: bool = False  # a whole non-segmenter network (FID's Inception)
+    # The classifier weight (below any "Scale." prefix) whose output channels are the class count;
+    # None for a checkpoint without a segmentation head, which imports as a backbone only.
+    classes_key: str | None = None
+    default_scope: tuple[str, ...] = ("backbone",)
+    multi_level: bool = False  # DeepLabV2 with AdaptSegNet's second ASPP on layer3
+    aspp_two_branch: bool = False  # what the checkpoint's own forward computes
 
 
 RESNET_MODELS = ("deeplabv2", "pspnet_r101")
@@ -76,7 +95,13 @@ FORMATS = {
     "deeplab_resnet101_init": Format(
         "DeepLabV2 ImageNet+COCO init DeepLab_resnet_pretrained_init-f81d91e8.pth (Scale.* names)",
         "deeplabv2", ("deeplabv2",), dict(style="caffe", depth=101),
-        default_stage_sizes=(3, 4, 23, 3)),
+        default_stage_sizes=(3, 4, 23, 3), classes_key="layer5.conv2d_list.0.weight"),
+    "adaptsegnet_deeplab_multi": Format(
+        "AdaptSegNet's trained multi-level DeepLabV2 (model/deeplab_multi.py: layer5 = ASPP on "
+        "layer3, layer6 = ASPP on layer4; optional Scale./module. prefix); whole model",
+        "deeplabv2", ("deeplabv2",), dict(style="caffe", depth=101),
+        default_stage_sizes=(3, 4, 23, 3), classes_key="layer6.conv2d_list.0.weight",
+        default_scope=(), multi_level=True, aspp_two_branch=True),
     "torchvision_vgg16": Format(
         "torchvision vgg16 .pth (vgg16-397923af.pth); fc6/fc7 imported for fcn8s_vgg16 only",
         "fcn8s_vgg16", ("fcn8s_vgg16", "deeplab_largefov_vgg16"), {},
@@ -85,6 +110,11 @@ FORMATS = {
         "STDC-Seg ImageNet STDCNet813M_73.91.tar (weights under 'state_dict')",
         "bisenet_stdc813", ("bisenet_stdc813",), {}, state_dict_key="state_dict",
         default_stage_sizes=(2, 2, 2)),
+    "stdcseg_bisenet": Format(
+        "STDC-Seg's trained BiSeNet model_maxmIOU50/75.pth (STDC1 or STDC2; InPlace-ABN head); "
+        "whole model",
+        "bisenet_stdc813", ("bisenet_stdc813",), {}, classes_key="conv_out.conv_out.weight",
+        default_scope=()),
     "fid_inception_v3": Format(
         "pytorch-fid's FID Inception-v3 pt_inception-2015-12-05-6726825d.pth (the whole "
         "feature network of FID, not a segmenter)",
@@ -93,7 +123,7 @@ FORMATS = {
 
 # Flags that only shape a segmenter, with the value that means "not given".
 SEGMENTER_FLAGS = {"model": None, "width": 1.0, "stage_sizes": None, "scope": None,
-                   "num_classes": None, "aspp_two_branch": False}
+                   "num_classes": None, "aspp_two_branch": None}
 
 RESNET_DEPTHS = {(3, 4, 6, 3): 50, (3, 4, 23, 3): 101}
 
@@ -117,6 +147,13 @@ def _stage_sizes(fmt_name: str, fmt: Format, state_dict: dict, override) -> tupl
         return tuple(override)
     if fmt_name in ("torchvision_vgg16", "stdc813"):
         return fmt.default_stage_sizes
+    if fmt_name == "stdcseg_bisenet":
+        blocks = weights.stdc_block_count(state_dict, weights.STDCSEG_BACKBONE_PREFIX)
+        known = {sum(sizes): tuple(sizes) for sizes in STDC_STAGE_SIZES.values()}
+        if blocks not in known:
+            raise ValueError(f"{fmt_name}: the file's STDC backbone has {blocks} CatBottlenecks, "
+                             "neither STDC1 (6) nor STDC2 (12); pass --stage-sizes")
+        return known[blocks]
     prefix = weights.detect_prefix(state_dict, (weights.DEEPLAB_PREFIX,))
     found = weights.resnet_stage_sizes(state_dict, prefix)
     if fmt.default_stage_sizes is None:  # timm: depth from the file
@@ -131,17 +168,18 @@ def _stage_sizes(fmt_name: str, fmt: Format, state_dict: dict, override) -> tupl
     return fmt.default_stage_sizes
 
 
-def _num_classes(fmt_name: str, state_dict: dict, scope: tuple[str, ...],
+def _num_classes(fmt: Format, state_dict: dict, scope: tuple[str, ...],
                  override: int | None) -> int:
     if override:
         return override
-    if fmt_name == "deeplab_resnet101_init" and not scope:
-        prefix = weights.detect_prefix(state_dict, (weights.DEEPLAB_PREFIX,))
-        key = f"{prefix}layer5.conv2d_list.0.weight"
-        if key not in state_dict:
-            raise ValueError(f"--scope= (whole DeepLabV2) needs the ASPP, but {key} is missing")
-        return int(state_dict[key].shape[0])
-    return 19  # only the head's shape depends on it, and the head is not written
+    if scope:
+        return 19  # only the head's shape depends on it, and the head is not written
+    prefix = weights.detect_prefix(state_dict, (weights.DEEPLAB_PREFIX,))
+    key = prefix + fmt.classes_key
+    if key not in state_dict:
+        raise ValueError(f"--scope= (the whole model) needs its classifier, but {key} is missing: "
+                         "wrong --format?")
+    return int(state_dict[key].shape[0])
 
 
 def _importer(fmt_name: str, model_name: str, stage_sizes, scope: tuple[str, ...]
@@ -152,11 +190,17 @@ def _importer(fmt_name: str, model_name: str, stage_sizes, scope: tuple[str, ...
         return lambda sd, v: weights.import_timm_resnet(sd, v, scope)
     if fmt_name == "deeplab_resnet101_init":
         return lambda sd, v: weights.import_deeplab_resnet(sd, v, scope)
+    if fmt_name == "adaptsegnet_deeplab_multi":
+        return lambda sd, v: weights.import_deeplab_resnet(sd, v, scope,
+                                                           heads=weights.DEEPLAB_MULTI_HEADS)
     if fmt_name == "torchvision_vgg16":
         variant = "fcn" if model_name == "fcn8s_vgg16" else "largefov"
         return lambda sd, v: weights.import_torchvision_vgg16(sd, v, variant, stage_sizes, scope)
     if fmt_name == "stdc813":
         return lambda sd, v: weights.import_stdc(sd, v, stage_sizes, scope)
+    if fmt_name == "stdcseg_bisenet":
+        return lambda sd, v: weights.import_stdcseg_bisenet(sd, v, stage_sizes,
+                                                            inplace_abn_head=True, scope=scope)
     raise ValueError(f"unknown format {fmt_name!r}")
 
 
@@ -193,11 +237,12 @@ def _initialise_missing(tree: dict, seed: int) -> dict:
 
 
 def convert(fmt_name: str, src: str, model_name: str | None = None, width: float = 1.0,
-            stage_sizes: Sequence[int] | None = None, scope: Sequence[str] = ("backbone",),
-            num_classes: int | None = None, aspp_two_branch: bool = False, seed: int = 0
+            stage_sizes: Sequence[int] | None = None, scope: Sequence[str] | None = None,
+            num_classes: int | None = None, aspp_two_branch: bool | None = None, seed: int = 0
             ) -> tuple[dict, dict, list[str]]:
     """Reads ``src`` and returns (variables of ``scope``, the model's config fields, the paths of
-    leaves that kept their initialisation)."""
+    leaves that kept their initialisation). ``scope`` and ``aspp_two_branch`` left None take the
+    format's defaults."""
     if fmt_name not in FORMATS:
         raise ValueError(f"unknown --format {fmt_name!r}; one of {', '.join(FORMATS)}")
     fmt = FORMATS[fmt_name]
@@ -207,19 +252,21 @@ def convert(fmt_name: str, src: str, model_name: str | None = None, width: float
     model_name = model_name or fmt.default_model
     if model_name not in fmt.models:
         raise ValueError(f"--model={model_name} does not fit {fmt_name}; one of {fmt.models}")
-    scope = tuple(scope)
+    scope = fmt.default_scope if scope is None else tuple(scope)
     if scope not in ((), ("backbone",)):
         raise ValueError(f"--scope must be 'backbone' or '' (whole model), got {'/'.join(scope)}")
-    if not scope and fmt_name != "deeplab_resnet101_init":
+    if not scope and fmt.classes_key is None:
         raise ValueError(f"{fmt_name} holds no segmentation head: import the backbone only")
+    if aspp_two_branch is None:
+        aspp_two_branch = fmt.aspp_two_branch
 
     state_dict = _load_state_dict(fmt, src)
     sizes = _stage_sizes(fmt_name, fmt, state_dict, stage_sizes)
     kwargs = dict(fmt.model_kwargs, width=width, stage_sizes=sizes)
     kwargs.pop("depth", None)
     if model_name == "deeplabv2":
-        kwargs["aspp_two_branch"] = aspp_two_branch
-    classes = _num_classes(fmt_name, state_dict, scope, num_classes)
+        kwargs.update(aspp_two_branch=aspp_two_branch, multi_level=fmt.multi_level)
+    classes = _num_classes(fmt, state_dict, scope, num_classes)
     model = segmenters.build_segmenter(model_name, classes, **kwargs)
     abstract = jax.eval_shape(
         lambda: model.init(jax.random.key(seed), jnp.zeros(TRACE_SHAPE), train=False))
@@ -242,7 +289,9 @@ def convert(fmt_name: str, src: str, model_name: str | None = None, width: float
     if not scope:
         config["num_classes"] = classes
         if model_name == "deeplabv2":
-            config["aspp_two_branch"] = aspp_two_branch
+            # Both explicit: a preset's own heads (the adversarial preset's second ASPP) would
+            # otherwise give a tree the weights do not fit.
+            config.update(aspp_two_branch=aspp_two_branch, multi_level=fmt.multi_level)
     return variables, config, kept
 
 
@@ -296,7 +345,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m synseg_jax.import_weights", description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="formats:\n" + "\n".join(f"  {k:24s} {f.description}" for k, f in FORMATS.items()))
+        epilog="formats:\n" + "\n".join(f"  {k:26s} {f.description}" for k, f in FORMATS.items()))
     parser.add_argument("--format", required=True, choices=sorted(FORMATS))
     parser.add_argument("--src", required=True, help="the published checkpoint file")
     parser.add_argument("--dst", required=True, help="output directory (save_variables)")
@@ -306,20 +355,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--stage-sizes", type=_parse_sizes, default=None,
                         help="blocks per stage, e.g. 3,4,23,3 (default: the format's)")
     parser.add_argument("--scope", default=None,
-                        help="subtree to write: 'backbone' (default) or '' for the whole model")
+                        help="subtree to write: 'backbone' or '' for the whole model (default: "
+                             "the whole model for adaptsegnet_deeplab_multi / stdcseg_bisenet, "
+                             "else 'backbone')")
     parser.add_argument("--num-classes", type=int, default=None,
                         help="whole-model import: class count (default: from the checkpoint)")
-    parser.add_argument("--aspp-two-branch", action="store_true",
-                        help="whole DeepLabV2 with the two-branch ASPP (rates 6, 12)")
+    parser.add_argument("--aspp-two-branch", action=argparse.BooleanOptionalAction, default=None,
+                        help="whole DeepLabV2 with the two-branch ASPP (rates 6, 12); default: "
+                             "the format's (on for adaptsegnet_deeplab_multi, whose forward sums "
+                             "two convs only)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace what an existing, non-empty --dst holds")
     args = parser.parse_args(argv)
     args.src, args.dst = paths.absolute(args.src), paths.absolute(args.dst)
-    if FORMATS[args.format].feature_network:
+    fmt = FORMATS[args.format]
+    if fmt.feature_network:
         return _main_feature_network(args)
     check_destination(args.dst, args.overwrite)
 
-    scope = tuple(p for p in ("backbone" if args.scope is None else args.scope).split("/") if p)
+    scope = (fmt.default_scope if args.scope is None
+             else tuple(p for p in args.scope.split("/") if p))
     variables, config, kept = convert(args.format, args.src, args.model, args.width,
                                       args.stage_sizes, scope, args.num_classes,
                                       args.aspp_two_branch)

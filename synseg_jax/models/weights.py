@@ -1,9 +1,11 @@
 """Import published PyTorch weights into Flax variables.
 
 Families: torchvision ResNet-50/101 and VGG16, timm ResNets (same names as torchvision), DeepLabV2's
-Caffe-converted ResNet-101 init (``Scale.``-prefixed names, ASPP as ``layer5.conv2d_list``), and
-STDC813/STDC1446 (``features.{i}``), plus the STDC-Seg BiSeNet head names, and the Inception-v3
-of the Fréchet Inception Distance (pytorch-fid's port of TF FID's network, torchvision's names).
+Caffe-converted ResNet-101 init (``Scale.``-prefixed names, ASPP as ``layer5.conv2d_list``) and
+AdaptSegNet's trained multi-level DeepLabV2 (ASPPs ``layer5`` on layer3, ``layer6`` on layer4),
+STDC813/STDC1446 (``features.{i}``), plus the STDC-Seg BiSeNet head names (InPlace-ABN in its
+head), and the Inception-v3 of the Fréchet Inception Distance (pytorch-fid's port of TF FID's
+network, torchvision's names).
 
 Input is a PyTorch ``state_dict`` already turned into ``{name: numpy array}``; ``load_tensor_file``
 reads one from ``.pth``/``.tar`` (needs torch, imported lazily) or ``.safetensors``. The Flax
@@ -17,6 +19,7 @@ Conventions bridged here:
     linear weight (out, in) → (in, out)
     BatchNorm     weight, bias → params scale, bias; running_mean, running_var → batch_stats
                   mean, var (``num_batches_tracked`` is dropped)
+    InPlace-ABN   weight γ → BatchNorm scale |γ| + eps (``inplace_abn_scale``), the rest as BN
 
 Every problem is collected before failing, and the error lists the first few: PyTorch keys the
 model needs but the state_dict lacks, shape mismatches (after reorientation), and state_dict keys
@@ -303,18 +306,27 @@ def aspp_naming(prefix: str) -> Naming:
     return naming
 
 
-def deeplab_v2_naming(prefix: str = DEEPLAB_PREFIX) -> Naming:
-    """Whole ``segmenters.DeepLabV2`` leaf → DeepLab init key: ``backbone`` as torchvision's names
-    under ``prefix``, ``head`` (the ASPP on layer4) ← ``{prefix}layer5``. A multi-level model's
-    ``head_aux`` (on layer3, 1024 channels in) has no counterpart and keeps its initialisation."""
+# Which Flax head reads which PyTorch ASPP. The same name means different layers in the two
+# published models: the init's single-level ``MS_Deeplab`` has one ASPP, ``layer5``, on layer4;
+# AdaptSegNet's ``ResNetMulti`` (model/deeplab_multi.py) puts ``layer5`` on layer3 (1024 channels
+# in) and ``layer6`` on layer4 (2048 in), and returns (layer5 output, layer6 output).
+DEEPLAB_INIT_HEADS = {"head": "layer5"}
+DEEPLAB_MULTI_HEADS = {"head": "layer6", "head_aux": "layer5"}
+
+
+def deeplab_v2_naming(prefix: str = DEEPLAB_PREFIX,
+                      heads: Mapping[str, str] = DEEPLAB_INIT_HEADS) -> Naming:
+    """Whole ``segmenters.DeepLabV2`` leaf → DeepLab key: ``backbone`` as torchvision's names
+    under ``prefix``, each Flax ASPP of ``heads`` ← ``{prefix}{its layer}.conv2d_list``. A head
+    ``heads`` leaves out (the init's missing ``head_aux``) keeps its initialisation."""
     backbone = prefixed(torchvision_resnet_naming, prefix)
-    head = aspp_naming(f"{prefix}layer5.")
+    aspps = {flax: aspp_naming(f"{prefix}{torch_layer}.") for flax, torch_layer in heads.items()}
 
     def naming(path: tuple[str, ...]) -> Source | None:
         if path[0] == "backbone":
             return backbone(path[1:])
-        if path[0] == "head":
-            return head(path[1:])
+        if path[0] in aspps:
+            return aspps[path[0]](path[1:])
         return None
     return naming
 
@@ -327,23 +339,30 @@ def _aspp_branches(variables: Mapping[str, Any], scope: Sequence[str]) -> int:
 
 
 def import_deeplab_resnet(state_dict: Mapping[str, np.ndarray], variables: Mapping[str, Any],
-                          scope: Sequence[str] = ("backbone",), prefix: str | None = None) -> dict:
-    """DeepLabV2's ResNet-101 init (``DeepLab_resnet_pretrained_init-f81d91e8.pth``) into a Caffe
-    style ``ResNet`` under ``scope`` (its ASPP ``layer5`` ignored), or with ``scope=()`` into a
-    whole ``DeepLabV2`` including the ASPP (``head`` ← ``layer5.conv2d_list``; the model's class
-    count must equal the checkpoint's; a two-branch ASPP takes the first two convs).
+                          scope: Sequence[str] = ("backbone",), prefix: str | None = None,
+                          heads: Mapping[str, str] = DEEPLAB_INIT_HEADS) -> dict:
+    """A DeepLabV2-ResNet-101 state_dict into a Caffe style ``ResNet`` under ``scope`` (its ASPPs
+    ignored), or with ``scope=()`` into a whole ``DeepLabV2`` including the ASPPs ``heads`` names
+    (the model's class count must equal the checkpoint's; a two-branch ASPP takes the first two
+    convs of each, and the file's others are ignored).
 
+    ``heads`` is ``DEEPLAB_INIT_HEADS`` for the ImageNet+COCO init
+    (``DeepLab_resnet_pretrained_init-f81d91e8.pth``), ``DEEPLAB_MULTI_HEADS`` for a trained
+    AdaptSegNet multi-level model, which the model must be built for (``multi_level=True``).
     ``prefix`` defaults to "Scale." when every key has it, else "" (an already stripped copy).
     """
     if prefix is None:
         prefix = detect_prefix(state_dict, (DEEPLAB_PREFIX,))
+    aspp_layers = tuple(f"{prefix}{torch_layer}." for torch_layer in heads.values())
     if tuple(scope):
         return import_state_dict(state_dict, variables, prefixed(torchvision_resnet_naming, prefix),
-                                 scope, ignore_prefixes=(f"{prefix}layer5.",))
+                                 scope, ignore_prefixes=aspp_layers)
     branches = _aspp_branches(variables, ())
-    extra = tuple(f"{prefix}layer5.conv2d_list.{i}." for i in range(branches, 8))
-    return import_state_dict(state_dict, variables, deeplab_v2_naming(prefix), (),
-                             ignore_prefixes=extra)
+    # A two-branch model leaves the file's later convs (four in every published ASPP) unused.
+    unused_branches = tuple(f"{layer}conv2d_list.{i}." for layer in aspp_layers
+                            for i in range(branches, 8))
+    return import_state_dict(state_dict, variables, deeplab_v2_naming(prefix, heads), (),
+                             ignore_prefixes=unused_branches)
 
 
 def import_timm_resnet(state_dict: Mapping[str, np.ndarray], variables: Mapping[str, Any],
@@ -417,24 +436,42 @@ BISENET_MODULES = {
 }
 BISENET_LEAVES = {"conv_atten": "conv_atten", "se_reduce": "conv1", "se_expand": "conv2",
                   "classifier": "conv_out"}
+STDCSEG_BACKBONE_PREFIX = "cp.backbone."
+STDCSEG_DETAIL_HEADS = "conv_out_sp"
+
+# STDC-Seg's head modules normalise with InPlace-ABN (``InPlaceABNSync``), its backbone with plain
+# ``nn.BatchNorm2d``. InPlace-ABN stores a weight γ but scales by |γ| + eps (eps = 1e-5, the module
+# default STDC-Seg keeps; the same eps as in its 1/sqrt(var + eps)), so that the forward can be
+# inverted in place; its backward multiplies γ's gradient by sign(γ). A trained γ can therefore be
+# negative, and copying it as a BatchNorm scale flips that channel. STDC-Seg builds every one of
+# them with activation "none" and applies a separate ReLU (ConvBNReLU) or sigmoid (ARM attention)
+# after it, which is what ``ConvBN`` / ``AttentionRefinement`` do, so no activation is converted:
+# a checkpoint from a model whose InPlace-ABN applies its default leaky ReLU (slope 0.01) does
+# not fit these layers, and nothing in a state_dict tells the two apart.
+INPLACE_ABN_EPS = 1e-5
 
 
-def stdcseg_bisenet_naming(stage_sizes: Sequence[int] = (2, 2, 2)) -> Naming:
-    """Whole ``segmenters.BiSeNet`` leaf → STDC-Seg BiSeNet state_dict key."""
-    backbone = prefixed(stdc_naming(stage_sizes), "cp.backbone.")
+def inplace_abn_scale(weight: np.ndarray, eps: float = INPLACE_ABN_EPS) -> np.ndarray:
+    """InPlace-ABN's stored γ → the BatchNorm scale that gives the same output, |γ| + eps."""
+    return np.abs(weight) + eps
 
-    def naming(path: tuple[str, ...]) -> Source | None:
-        if path[0] == "backbone":
-            return backbone(path[1:])
-        if path[0] != "head" or path[1] not in BISENET_MODULES:
+
+def stdcseg_bisenet_naming(stage_sizes: Sequence[int] = (2, 2, 2),
+                           inplace_abn_head: bool = False) -> Naming:
+    """Whole ``segmenters.BiSeNet`` leaf → STDC-Seg BiSeNet state_dict key; with
+    ``inplace_abn_head`` every BN scale under ``head`` is read as an InPlace-ABN γ."""
+    backbone = prefixed(stdc_naming(stage_sizes), STDCSEG_BACKBONE_PREFIX)
+
+    def head(path: tuple[str, ...]) -> Source | None:
+        if path[0] not in BISENET_MODULES:
             return None
-        p, rest = BISENET_MODULES[path[1]], "/".join(path[2:])
+        p, rest = BISENET_MODULES[path[0]], "/".join(path[1:])
         if m := re.fullmatch(r"(conv|bn)/(\w+)", rest):  # a ConvBN module itself
             module, leaf = m.groups()
             return _conv_or_bn(f"{p}.conv", f"{p}.bn", module, leaf)
         if m := re.fullmatch(r"conv/(conv|bn)/(\w+)", rest):  # ARM / FFM / output ConvBN
             module, leaf = m.groups()
-            inner = f"{p}.convblk" if path[1] == "ffm" else f"{p}.conv"
+            inner = f"{p}.convblk" if path[0] == "ffm" else f"{p}.conv"
             return _conv_or_bn(f"{inner}.conv", f"{inner}.bn", module, leaf)
         if m := re.fullmatch(r"bn_atten/(\w+)", rest):
             return _conv_or_bn("", f"{p}.bn_atten", "bn", m.group(1))
@@ -442,15 +479,43 @@ def stdcseg_bisenet_naming(stage_sizes: Sequence[int] = (2, 2, 2)) -> Naming:
             if m.group(1) in BISENET_LEAVES:
                 return Source(f"{p}.{BISENET_LEAVES[m.group(1)]}.weight", conv_kernel)
         return None
+
+    def naming(path: tuple[str, ...]) -> Source | None:
+        if path[0] == "backbone":
+            return backbone(path[1:])
+        if path[0] != "head" or (source := head(path[1:])) is None:
+            return None
+        if inplace_abn_head and path[-1] == "scale":
+            return Source(source.key, inplace_abn_scale)
+        return source
     return naming
 
 
 def import_stdcseg_bisenet(state_dict: Mapping[str, np.ndarray], variables: Mapping[str, Any],
-                           stage_sizes: Sequence[int] = (2, 2, 2)) -> dict:
-    """A whole STDC-Seg-layout BiSeNet (e.g. a trained real-time DA model) into ``BiSeNet``."""
-    ignore = tuple(f"cp.backbone.{p}" for p in STDC_IGNORED) + ("conv_out_sp",)
-    return import_state_dict(state_dict, variables, stdcseg_bisenet_naming(stage_sizes), (),
+                           stage_sizes: Sequence[int] = (2, 2, 2), inplace_abn_head: bool = False,
+                           scope: Sequence[str] = ()) -> dict:
+    """A whole STDC-Seg-layout BiSeNet into ``BiSeNet`` (``scope=()``), or its STDC backbone
+    alone (``scope=("backbone",)``, everything outside ``cp.backbone`` ignored).
+
+    ``inplace_abn_head=True`` for STDC-Seg's own checkpoints (``model_maxmIOU75.pth`` …), whose
+    head normalises with InPlace-ABN (γ → |γ| + eps); False for a copy of the network with plain
+    BatchNorm everywhere. The backbone's BN is plain in both.
+    """
+    if tuple(scope):
+        backbone = {k[len(STDCSEG_BACKBONE_PREFIX):]: v for k, v in state_dict.items()
+                    if k.startswith(STDCSEG_BACKBONE_PREFIX)}
+        return import_stdc(backbone, variables, stage_sizes, scope)
+    ignore = tuple(STDCSEG_BACKBONE_PREFIX + p for p in STDC_IGNORED) + (STDCSEG_DETAIL_HEADS,)
+    return import_state_dict(state_dict, variables,
+                             stdcseg_bisenet_naming(stage_sizes, inplace_abn_head), (),
                              ignore_prefixes=ignore)
+
+
+def stdc_block_count(state_dict: Mapping[str, Any], prefix: str = "") -> int:
+    """CatBottlenecks in an STDC state_dict: its ``features`` entries after the two ConvX."""
+    pattern = re.compile(re.escape(prefix) + r"features\.(\d+)\.")
+    indices = {int(m.group(1)) for key in state_dict if (m := pattern.match(key))}
+    return max(0, len(indices) - 2)
 
 
 # pt_inception-2015-12-05-6726825d.pth (pytorch-fid's port of TF FID's Inception-v3) is the
