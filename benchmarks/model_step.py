@@ -6,6 +6,8 @@ DeepLabV2-ResNet101 step (our own module) at the same size, side by side.
     python benchmarks/model_step.py --models=bisenet_stdc813 --repeats=2
     python benchmarks/model_step.py --models=deeplabv2_r101,torch_deeplabv2_r101 --size=321x321
     python benchmarks/model_step.py --compile-only                    # memory only, no steps
+    python benchmarks/model_step.py --models=deeplabv2_r101 --compile-only --remat  # its memory
+    python benchmarks/model_step.py --models=bisenet_stdc813 --compute-dtype=bfloat16
 
 Training sizes (``MODELS``; the papers and their code):
     deeplabv2_r101          720x1280, batch 1   AdaptSegNet: GTA5 source images at 1280x720,
@@ -33,6 +35,8 @@ aliased. For PyTorch, the step runs in a child process and "peak" is its peak RS
 activations plus allocator slack, so the two are comparable only roughly.
 
 ``--size`` / ``--batch`` override every model's size, for a quick run on a small machine.
+``--remat`` rematerialises the backbone blocks (``model.remat``; ResNet and STDC segmenters,
+the VGG ones are skipped), ``--compute-dtype`` sets ``model.compute_dtype``.
 """
 
 from __future__ import annotations
@@ -104,16 +108,23 @@ def host_variables(model, shape, seed=0):
     return jax.tree_util.tree_map_with_path(fill, abstract)
 
 
-def jax_step(name: str, spec: ModelSpec, size, batch, repeats: int, compile_only: bool) -> dict:
+def jax_step(name: str, spec: ModelSpec, size, batch, repeats: int, compile_only: bool,
+             remat: bool = False, compute_dtype: str = "float32") -> dict:
     import jax
     import optax
 
     from synseg_jax import losses
     from synseg_jax.methods import tsg_ssi
-    from synseg_jax.models import segmenters
+    from synseg_jax.models import layers, segmenters
 
+    options = {"dtype": layers.compute_dtype(compute_dtype)}
+    # The VGG segmenters have no blocks to rematerialise: their rows say remat=False.
+    remat = remat and "remat" in {f.name for f in dataclasses.fields(
+        segmenters.SEGMENTERS[spec.segmenter])}
+    if remat:
+        options["remat"] = True
     model = segmenters.build_segmenter(spec.segmenter, NUM_CLASSES, bn_mode="train",
-                                       **spec.kwargs)
+                                       **spec.kwargs, **options)
     h, w = size
     variables = host_variables(model, (1, h, w, 3))
     params = variables.pop("params")
@@ -153,7 +164,8 @@ def jax_step(name: str, spec: ModelSpec, size, batch, repeats: int, compile_only
     compiled = lowered.compile()
     compile_s = time.perf_counter() - t0
     mem = compiled.memory_analysis()
-    row = dict(model=name, size=f"{h}x{w}", batch=batch, source=spec.source,
+    row = dict(model=name, size=f"{h}x{w}", batch=batch, source=spec.source, remat=remat,
+               compute_dtype=compute_dtype,
                params_m=sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params)) / 1e6,
                compile_s=compile_s)
     if mem is not None:
@@ -287,7 +299,8 @@ def fmt(value, digits=2):
 
 
 def markdown(rows: list[dict]) -> str:
-    cols = [("model", "model"), ("size", "H×W"), ("batch", "batch"), ("params_m", "params (M)"),
+    cols = [("model", "model"), ("size", "H×W"), ("batch", "batch"), ("compute_dtype", "dtype"),
+            ("remat", "remat"), ("params_m", "params (M)"),
             ("compile_s", "compile (s)"), ("step_s", "step (s)"), ("args_mib", "XLA args (MiB)"),
             ("temp_mib", "XLA temp (MiB)"), ("peak_mib", "peak (MiB)"), ("source", "size from")]
     lines = ["| " + " | ".join(title for _, title in cols) + " |",
@@ -309,6 +322,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=None, help="batch for every model")
     parser.add_argument("--compile-only", action="store_true",
                         help="XLA memory analysis only, no steps (PyTorch rows skipped)")
+    parser.add_argument("--remat", action="store_true",
+                        help="rematerialise backbone blocks (model.remat; not the VGG models)")
+    parser.add_argument("--compute-dtype", default="float32", choices=("float32", "bfloat16"),
+                        help="model.compute_dtype of the JAX rows")
     parser.add_argument("--torch-worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -336,7 +353,8 @@ def main() -> None:
             if not args.compile_only:
                 rows.append(torch_step(name, spec, s, b, args.repeats))
         else:
-            rows.append(jax_step(name, spec, s, b, args.repeats, args.compile_only))
+            rows.append(jax_step(name, spec, s, b, args.repeats, args.compile_only, args.remat,
+                                 args.compute_dtype))
         if rows:  # each finished row at once: a long run stopped midway keeps what it measured
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     load = " / ".join(f"{x:.2f}" for x in os.getloadavg())

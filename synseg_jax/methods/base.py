@@ -15,7 +15,7 @@ import ml_collections
 import optax
 
 from synseg_jax import images, losses, optim, trees
-from synseg_jax.models import segmenters
+from synseg_jax.models import layers, segmenters
 from synseg_jax.state import RoleState, TrainState, init_key, new_state
 
 Batch = dict[str, dict[str, jax.Array]]
@@ -54,7 +54,8 @@ def eval_role_of(method) -> str | None:
 
 # model.* fields that are arguments of some segmenter classes and not of others.
 ARCHITECTURE_FIELDS = ("depth", "width", "output_stride", "bn_mode", "aspp_rates",
-                       "aspp_two_branch", "multi_level", "stage_sizes", "style", "tsg", "ssi")
+                       "aspp_two_branch", "multi_level", "stage_sizes", "style", "tsg", "ssi",
+                       "remat")
 
 
 def undeclared_fields(model: ml_collections.ConfigDict) -> set[str]:
@@ -87,6 +88,9 @@ def segmenter_from_config(model: ml_collections.ConfigDict) -> nn.Module:
         # TSG / SSI placements of ResNet segmenters (models/tsg_ssi.py); configs written before
         # the fields existed have none.
         "tsg": tuple(model.get("tsg", ())), "ssi": tuple(model.get("ssi", ())),
+        # Likewise for the precision and memory options (configs/common.py).
+        "dtype": layers.compute_dtype(model.get("compute_dtype", "float32")),
+        "remat": model.get("remat", False),
     }
     # Empty stage sizes keep the class's full-size default (VGG16, STDC1, ResNet depth).
     if model.stage_sizes:

@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from synseg_jax import images as image_ops
-from synseg_jax.models import layers
+from synseg_jax.models import layers, pooling
 
 INPUT_SIZE = 299  # what pytorch-fid resizes every image to
 MIN_INPUT_SIZE = 75  # the smallest square input whose Mixed_7c map is not empty
@@ -77,8 +77,7 @@ class BasicConv2d(nn.Module):
 def avg_pool_3x3_uncounted_padding(x: jax.Array) -> jax.Array:
     """3x3 stride-1 average pool, padding 1, the padded zeros not counted (TF's average pool;
     pytorch-fid's ``count_include_pad=False``)."""
-    return nn.avg_pool(x, (3, 3), strides=(1, 1), padding=((1, 1), (1, 1)),
-                       count_include_pad=False)
+    return pooling.avg_pool_uncounted_padding(x, (3, 3), (1, 1), ((1, 1), (1, 1)))
 
 
 def max_pool_3x3(x: jax.Array, stride: int, padding: int = 0) -> jax.Array:

@@ -34,6 +34,36 @@ BN_MODES = ("frozen", "train")
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
+# model.compute_dtype: what convolutions and matrix products compute in. Parameters stay float32
+# (flax's param_dtype) whatever it is: bfloat16's 8-bit mantissa would round SGD's small updates
+# away. bfloat16 is TPU's and Hopper's native matmul format; on a CPU it is emulated.
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def compute_dtype(name: str) -> Any:
+    """The dtype of a ``model.compute_dtype`` name."""
+    if name not in COMPUTE_DTYPES:
+        raise ValueError(f"compute_dtype must be one of {sorted(COMPUTE_DTYPES)}, got {name!r}")
+    return COMPUTE_DTYPES[name]
+
+
+def float32_outputs(tree: Any) -> Any:
+    """`tree` with its floating leaves in float32. A network's outputs pass through this at its
+    boundary, so losses, softmaxes and the adversarial terms built on them stay float32 whatever
+    the network computed in."""
+    return jax.tree_util.tree_map(
+        lambda x: x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
+def rematerialised(module: type[nn.Module], remat: bool,
+                   static_argnums: tuple[int, ...] = (2,)) -> type[nn.Module]:
+    """`module`, or with `remat` its ``nn.remat`` form: the backward pass recomputes the block's
+    activations from its input instead of keeping them, trading compute for memory. Parameter
+    names are unchanged. ``static_argnums`` counts ``self`` as 0 and must name the Python-bool
+    arguments (``train``, ``update_stats``), which select code paths while tracing."""
+    return nn.remat(module, static_argnums=static_argnums) if remat else module
+
+
 def is_bn_path(path: Sequence[Any]) -> bool:
     """Whether a tree path (strings or jax ``DictKey``s) lies inside a BatchNorm module."""
     return any(str(getattr(k, "key", k)).startswith(BN_PREFIX) for k in path)

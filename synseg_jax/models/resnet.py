@@ -28,7 +28,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from synseg_jax.models.layers import ConvBN, max_pool
+from synseg_jax.models.layers import ConvBN, float32_outputs, max_pool, rematerialised
 
 STAGE_SIZES = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
 # (stage 1..4, its output, the earlier stages' features) -> what the next stage sees.
@@ -81,6 +81,9 @@ class ResNet(nn.Module):
         style: "caffe" or "torchvision" (see the module docstring).
         output_stride: 8, 16 or 32.
         bn_mode: "frozen" or "train" (``layers.BN_MODES``).
+        dtype: what the convolutions compute in (``layers.COMPUTE_DTYPES``); None: the input's.
+        remat: recompute each bottleneck's activations in the backward pass instead of storing
+            them (``layers.rematerialised``); the outputs and gradients are unchanged.
 
     Returns a dict: "stem" (after the stem's ReLU, stride 2, before the max-pool) and "layer1" …
     "layer4" (strides 4, 8, then 16/32 depending on ``output_stride``).
@@ -98,6 +101,7 @@ class ResNet(nn.Module):
     output_stride: int = 8
     bn_mode: str = "frozen"
     dtype: Any = None
+    remat: bool = False
 
     def _channels(self, base: int) -> int:
         return max(1, int(round(base * self.width)))
@@ -122,6 +126,7 @@ class ResNet(nn.Module):
         features = {"stem": x}
         x = max_pool(x, 3, 2, padding=1, ceil_mode=self.style == "caffe")
 
+        block = rematerialised(Bottleneck, self.remat)
         in_ch, prev_dilation = x.shape[-1], 1
         stages = zip(stage_sizes, STRIDES_AND_DILATIONS[self.output_stride])
         for s, (num_blocks, (stride, dilation)) in enumerate(stages, start=1):
@@ -133,8 +138,8 @@ class ResNet(nn.Module):
                 # DeepLab's rule: project wherever stride != 1, channels change, or the stage is
                 # dilated. Only the first block of a stage can meet it.
                 project = first and (stride != 1 or in_ch != EXPANSION * planes or dilation > 1)
-                x = Bottleneck(planes, stride if first else 1, block_dilation, project, self.style,
-                               self.bn_mode, self.dtype, name=f"layer{s}_{b}")(x, train)
+                x = block(planes, stride if first else 1, block_dilation, project, self.style,
+                          self.bn_mode, self.dtype, name=f"layer{s}_{b}")(x, train)
                 in_ch = EXPANSION * planes
             if after_stage is not None:
                 x = after_stage(s, x, features)
@@ -159,11 +164,13 @@ class ResNetClassifier(nn.Module):
     output_stride: int = 32
     bn_mode: str = "train"
     dtype: Any = None
+    remat: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> dict[str, Any]:
         features = ResNet(self.depth, self.stage_sizes, self.width, self.style,
-                          self.output_stride, self.bn_mode, self.dtype, name="backbone")(x, train)
+                          self.output_stride, self.bn_mode, self.dtype, self.remat,
+                          name="backbone")(x, train)
         pooled = jnp.mean(features["layer4"], axis=(1, 2))
         logits = nn.Dense(self.num_classes, dtype=self.dtype, name="head")(pooled)
-        return {"logits": logits, "features": features}
+        return float32_outputs({"logits": logits, "features": features})

@@ -14,7 +14,12 @@ one (``models.tsg_ssi``). Segmenters with dropout (the VGG ones, PSPNet) apply i
 
 Registered networks (``SEGMENTERS``): DeepLabV2-ResNet101, DeepLab-LargeFOV-VGG16, FCN-8s-VGG16,
 PSPNet-ResNet101, BiSeNet-STDC813; each takes ``num_classes``, ``width``, ``stage_sizes`` (its
-backbone's depth), ``bn_mode`` and ``dtype``.
+backbone's depth), ``bn_mode`` and ``dtype``; those with a ResNet or STDC backbone also ``remat``.
+
+``dtype`` is what the layers compute in (``layers.COMPUTE_DTYPES``; None: the input's, float32);
+parameters and BatchNorm statistics are float32 either way, and every floating output comes out
+float32 (``layers.float32_outputs``), so nothing downstream of a segmenter sees its compute
+dtype. ``remat`` rematerialises the backbone's blocks (``layers.rematerialised``).
 """
 from __future__ import annotations
 
@@ -28,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from synseg_jax import images
-from synseg_jax.models.layers import Conv, ConvBN, batch_norm, conv_padding
+from synseg_jax.models.layers import Conv, ConvBN, batch_norm, conv_padding, float32_outputs
 from synseg_jax.models.resnet import ResNet, ResNetClassifier
 from synseg_jax.models.tsg_ssi import TextureShapeInserts, check_placements
 
@@ -68,7 +73,7 @@ def resnet_features(seg: nn.Module, x: jax.Array, train: bool
     inserts = TextureShapeInserts(tuple(seg.tsg), tuple(seg.ssi), _scaled(64, seg.width),
                                   seg.dtype)
     features = ResNet(seg.depth, seg.stage_sizes, seg.width, seg.style, seg.output_stride,
-                      seg.bn_mode, seg.dtype, name=BACKBONE_SCOPE)(
+                      seg.bn_mode, seg.dtype, seg.remat, name=BACKBONE_SCOPE)(
                           x, train, after_stage=inserts if inserts else None)
     edges = inserts.edge_outputs(x.shape[1:3])
     return features, ({} if edges is None else {"edge_logits": edges})
@@ -102,6 +107,7 @@ class DeepLabV2(nn.Module):
     tsg: Sequence[int] = ()
     ssi: Sequence[int] = ()
     dtype: Any = None
+    remat: bool = False
 
     def __post_init__(self):
         check_placements(tuple(self.tsg), tuple(self.ssi))  # a bad layer fails at build time
@@ -116,7 +122,7 @@ class DeepLabV2(nn.Module):
         if self.multi_level:
             head_aux = ASPP(self.num_classes, rates, self.dtype, name="head_aux")
             out["aux_logits"] = head_aux(features["layer3"])
-        return out
+        return float32_outputs(out)
 
 
 def _scaled(base: int, width: float) -> int:
@@ -150,7 +156,7 @@ class DeepLabLargeFOV(nn.Module):
         logits = Conv(self.num_classes, (1, 1), kernel_init=nn.initializers.normal(0.01),
                       bias_init=nn.initializers.zeros, dtype=self.dtype,
                       name="head")(features["fc7"])
-        return {"logits": logits, "features": features}
+        return float32_outputs({"logits": logits, "features": features})
 
 
 class FCN8sHead(nn.Module):
@@ -198,7 +204,7 @@ class FCN8s(nn.Module):
         features = VGG("fcn", self.stage_sizes, self.width, self.dropout_rate, self.bn_mode,
                        self.dtype, name="backbone")(x, train)
         logits = FCN8sHead(self.num_classes, self.dtype, name="head")(features)
-        return {"logits": logits, "features": features}
+        return float32_outputs({"logits": logits, "features": features})
 
 
 def _adaptive_pool_matrix(n_in: int, n_out: int) -> np.ndarray:
@@ -281,6 +287,7 @@ class PSPNet(nn.Module):
     tsg: Sequence[int] = ()
     ssi: Sequence[int] = ()
     dtype: Any = None
+    remat: bool = False
 
     def __post_init__(self):
         check_placements(tuple(self.tsg), tuple(self.ssi))
@@ -299,7 +306,7 @@ class PSPNet(nn.Module):
             y = dropout(self, y, self.dropout_rate, train)
             out["aux_logits"] = Conv(self.num_classes, (1, 1), dtype=self.dtype,
                                      name="head_aux_classifier")(y)
-        return out
+        return float32_outputs(out)
 
 
 class AttentionRefinement(nn.Module):
@@ -414,15 +421,16 @@ class BiSeNet(nn.Module):
     num_branches: int = 4
     bn_mode: str = "frozen"
     dtype: Any = None
+    remat: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> dict[str, Any]:
         features = STDCNet(self.stage_sizes, self.width, self.num_branches, self.bn_mode,
-                           self.dtype, name="backbone")(x, train)
+                           self.dtype, self.remat, name="backbone")(x, train)
         logits, aux16, aux8 = BiSeNetHead(self.num_classes, self.width, self.bn_mode, self.dtype,
                                           name="head")(features, train)
-        return {"logits": logits, "aux_logits": aux16, "aux_logits2": aux8,
-                "features": features}
+        return float32_outputs({"logits": logits, "aux_logits": aux16, "aux_logits2": aux8,
+                                "features": features})
 
 # Every name a config may use. Each factory is just a lookup with a helpful error; tests build
 # every entry.

@@ -23,7 +23,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from synseg_jax.models.layers import Conv, ConvBN, batch_norm, conv_init, conv_padding
+from synseg_jax.models.layers import (Conv, ConvBN, batch_norm, conv_init, conv_padding,
+                                      rematerialised)
 
 STAGE_SIZES = {"stdc1": (2, 2, 2), "stdc2": (4, 5, 3)}
 STEM_WIDTHS = (32, 64)
@@ -91,6 +92,7 @@ class STDCNet(nn.Module):
             multiple of 2^(num_branches-1) so the branches split evenly).
         num_branches: branches per CatBottleneck (4 in the paper's STDC networks).
         bn_mode: "frozen" or "train" (``layers.BN_MODES``).
+        dtype, remat: as ``resnet.ResNet``'s (remat per CatBottleneck).
 
     Returns a dict "stride2", "stride4" (the two ConvX), "stride8", "stride16", "stride32" (the
     outputs of stages 3, 4, 5: 256, 512, 1024 channels at full width).
@@ -101,6 +103,7 @@ class STDCNet(nn.Module):
     num_branches: int = 4
     bn_mode: str = "frozen"
     dtype: Any = None
+    remat: bool = False
 
     def _channels(self, base: int, multiple: int = 1) -> int:
         return max(multiple, int(round(base * self.width / multiple)) * multiple)
@@ -115,11 +118,11 @@ class STDCNet(nn.Module):
             x = ConvBN(self._channels(base), 3, 2, bn_mode=self.bn_mode, dtype=self.dtype,
                        name=f"convx{i}")(x, train)
             features[f"stride{2 ** i}"] = x
+        block = rematerialised(CatBottleneck, self.remat)
         split = 2 ** (self.num_branches - 1)
         for s, (num_blocks, base) in enumerate(zip(self.stage_sizes, STAGE_WIDTHS), start=3):
             for b in range(num_blocks):
-                x = CatBottleneck(self._channels(base, split), 2 if b == 0 else 1,
-                                  self.num_branches, self.bn_mode, self.dtype,
-                                  name=f"stage{s}_{b}")(x, train)
+                x = block(self._channels(base, split), 2 if b == 0 else 1, self.num_branches,
+                          self.bn_mode, self.dtype, name=f"stage{s}_{b}")(x, train)
             features[f"stride{2 ** s}"] = x
         return features

@@ -68,7 +68,8 @@ import jax.numpy as jnp
 from synseg_jax.images import resize_nearest
 from synseg_jax.losses import mse_gan
 from synseg_jax.models.decoders import ReflectConv, ResidualBlock, upsample_to_image
-from synseg_jax.models.layers import instance_norm
+from synseg_jax.models.layers import instance_norm, rematerialised
+from synseg_jax.models.pooling import avg_pool_uncounted_padding
 
 DOMAINS = ("source", "target")
 GENERATOR_NORMS = ("spade", "in")
@@ -136,39 +137,46 @@ class SPADEResidualBlock(nn.Module):
 
 class GeneratorBlocks(nn.Module):
     """``num_blocks`` generator residual blocks (``res0``, ...): SPADE-conditioned for
-    ``norm="spade"``, UNIT's IN blocks for ``norm="in"`` (the semantic map is then unused)."""
+    ``norm="spade"``, UNIT's IN blocks for ``norm="in"`` (the semantic map is then unused);
+    ``remat`` rematerialises each block (``layers.rematerialised``)."""
 
     num_blocks: int
     norm: str = "spade"
     spade_hidden: int = 128
     spectral_norm: bool = True
     spade_spectral_norm: bool = True
+    remat: bool = False
 
     @nn.compact
     def __call__(self, h: jax.Array, semantics: jax.Array,
                  update_stats: bool = False) -> jax.Array:
         if self.norm not in GENERATOR_NORMS:
             raise ValueError(f"norm must be one of {GENERATOR_NORMS}, got {self.norm!r}")
+        spade_block = rematerialised(SPADEResidualBlock, self.remat, static_argnums=(3,))
+        in_block = rematerialised(ResidualBlock, self.remat)
         for i in range(self.num_blocks):
             if self.norm == "spade":
-                h = SPADEResidualBlock(self.spade_hidden, self.spectral_norm,
-                                       self.spade_spectral_norm, name=f"res{i}")(
+                h = spade_block(self.spade_hidden, self.spectral_norm,
+                                self.spade_spectral_norm, name=f"res{i}")(
                     h, semantics, update_stats)
             else:
-                h = ResidualBlock(self.spectral_norm, name=f"res{i}")(h, update_stats)
+                h = in_block(self.spectral_norm, name=f"res{i}")(h, update_stats)
         return h
 
 
 class EncoderBlocks(nn.Module):
-    """``num_blocks`` of UNIT's IN residual blocks (``res0``, ...)."""
+    """``num_blocks`` of UNIT's IN residual blocks (``res0``, ...), each rematerialised with
+    ``remat``."""
 
     num_blocks: int
     spectral_norm: bool = True
+    remat: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, update_stats: bool = False) -> jax.Array:
+        block = rematerialised(ResidualBlock, self.remat)
         for i in range(self.num_blocks):
-            x = ResidualBlock(self.spectral_norm, name=f"res{i}")(x, update_stats)
+            x = block(self.spectral_norm, name=f"res{i}")(x, update_stats)
         return x
 
 
@@ -181,6 +189,7 @@ class DomainEncoder(nn.Module):
     n_downsample: int = 2
     num_blocks: int = 3
     spectral_norm: bool = True
+    remat: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, update_stats: bool = False) -> jax.Array:
@@ -193,7 +202,7 @@ class DomainEncoder(nn.Module):
             x = ReflectConv(width, 4, stride=2, padding=1, spectral_norm=sn,
                             name=f"down{i}")(x, update_stats)
             x = nn.relu(instance_norm(x))
-        return EncoderBlocks(self.num_blocks, sn, name="blocks")(x, update_stats)
+        return EncoderBlocks(self.num_blocks, sn, self.remat, name="blocks")(x, update_stats)
 
 
 class DomainGenerator(nn.Module):
@@ -208,13 +217,15 @@ class DomainGenerator(nn.Module):
     spade_hidden: int = 128
     spectral_norm: bool = True
     spade_spectral_norm: bool = True
+    remat: bool = False
 
     @nn.compact
     def __call__(self, h: jax.Array, semantics: jax.Array,
                  update_stats: bool = False) -> jax.Array:
         sn = self.spectral_norm
         x = GeneratorBlocks(self.num_blocks, self.norm, self.spade_hidden, sn,
-                            self.spade_spectral_norm, name="blocks")(h, semantics, update_stats)
+                            self.spade_spectral_norm, self.remat, name="blocks")(
+                                h, semantics, update_stats)
         return upsample_to_image(x, self.n_upsample, self.out_channels, sn, update_stats)
 
 
@@ -236,6 +247,8 @@ class Translator(nn.Module):
         spectral_norm: on every encoder / generator conv.
         spade_spectral_norm: also on SPADE's three convs (the paper: every layer; SPADE's code:
             no). Ignored without ``spectral_norm``.
+        remat: rematerialise every residual block, encoders' and generators' (same outputs
+            and gradients, less memory, one more forward of the blocks in the backward pass).
     """
 
     dim: int = 64
@@ -247,6 +260,7 @@ class Translator(nn.Module):
     out_channels: int = 3
     spectral_norm: bool = True
     spade_spectral_norm: bool = True
+    remat: bool = False
 
     def setup(self):
         if not 0 <= self.n_shared <= self.n_res:
@@ -255,15 +269,17 @@ class Translator(nn.Module):
             raise ValueError(f"norm must be one of {GENERATOR_NORMS}, got {self.norm!r}")
         sn, private = self.spectral_norm, self.n_res - self.n_shared
         spade_sn = self.spectral_norm and self.spade_spectral_norm
-        self.enc_source = DomainEncoder(self.dim, self.n_downsample, private, sn)
-        self.enc_target = DomainEncoder(self.dim, self.n_downsample, private, sn)
-        self.enc_shared = EncoderBlocks(self.n_shared, sn)
+        enc = dict(dim=self.dim, n_downsample=self.n_downsample, num_blocks=private,
+                   spectral_norm=sn, remat=self.remat)
+        self.enc_source = DomainEncoder(**enc)
+        self.enc_target = DomainEncoder(**enc)
+        self.enc_shared = EncoderBlocks(self.n_shared, sn, self.remat)
         self.gen_shared = GeneratorBlocks(self.n_shared, self.norm, self.spade_hidden, sn,
-                                          spade_sn)
+                                          spade_sn, self.remat)
         gen = dict(n_upsample=self.n_downsample, num_blocks=private,
                    out_channels=self.out_channels, norm=self.norm,
                    spade_hidden=self.spade_hidden, spectral_norm=sn,
-                   spade_spectral_norm=spade_sn)
+                   spade_spectral_norm=spade_sn, remat=self.remat)
         self.gen_source = DomainGenerator(**gen)
         self.gen_target = DomainGenerator(**gen)
 
@@ -340,8 +356,7 @@ def conditioning_channels(params: Any) -> int | None:
 def downsample_avg(x: jax.Array) -> jax.Array:
     """3x3 stride-2 average pooling with padding 1 whose padded cells do not count (MUNIT's and
     pix2pixHD's ``AvgPool2d(3, 2, 1, count_include_pad=False)``): the next, coarser scale."""
-    return nn.avg_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)),
-                       count_include_pad=False)
+    return avg_pool_uncounted_padding(x, (3, 3), (2, 2), ((1, 1), (1, 1)))
 
 
 class PatchDiscriminator(nn.Module):
