@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import runs
-from synseg_jax import inputs, methods
+from synseg_jax import inputs, methods, train
 
 MIB = 2 ** 20
 
@@ -53,7 +53,11 @@ def time_step(config_arg: str, repeats: int, compile_only: bool = False) -> dict
     config = runs.load_config(file, parts)
     method = methods.build(config)
     batch = random_batch(config)
-    state = jax.jit(method.init)(jax.random.PRNGKey(0), batch, {})
+    if compile_only:  # shapes are all a compile needs: no initialisation runs
+        state = jax.eval_shape(method.init, jax.random.PRNGKey(0), batch, {})
+    else:  # compiled as training compiles it (train.init_compiler_options)
+        state = jax.jit(method.init, compiler_options=train.init_compiler_options())(
+            jax.random.PRNGKey(0), batch, {})
     t0 = time.perf_counter()
     compiled = jax.jit(method.train_step, donate_argnums=(0,)).lower(state, batch).compile()
     compile_s = time.perf_counter() - t0

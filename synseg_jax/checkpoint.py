@@ -7,14 +7,14 @@ role alone (a partial restore) without building discriminators, teachers or opti
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
-from synseg_jax import trees
+from synseg_jax import paths, trees
 
 
 class CheckpointMismatchError(ValueError):
@@ -25,7 +25,7 @@ class Checkpointer:
     """Numbered checkpoints of a TrainState in `directory`."""
 
     def __init__(self, directory: str, *, max_to_keep: int | None = 3, read_only: bool = False):
-        self.directory = os.path.abspath(str(directory))  # orbax refuses relative paths
+        self.directory = paths.absolute(str(directory))  # orbax refuses relative paths
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, read_only=read_only, create=not read_only)
         self._manager = ocp.CheckpointManager(
@@ -95,13 +95,13 @@ class Checkpointer:
 def save_variables(path: str, variables: Any) -> None:
     """Writes a standalone variables tree (e.g. a pretrained backbone's params and batch_stats)."""
     with ocp.PyTreeCheckpointer() as writer:
-        writer.save(os.path.abspath(path), variables, force=True)
+        writer.save(paths.absolute(path), variables, force=True)
 
 
 def load_variables(path: str) -> Any:
     """Reads a tree written by `save_variables` (or by the weight importer) as numpy arrays."""
-    path = os.path.abspath(path)
-    if not os.path.isdir(path):
+    path = paths.absolute(path)
+    if not epath.Path(path).is_dir():  # epath, as orbax: the folder may be in a gs:// bucket
         raise FileNotFoundError(f"No variables checkpoint at {path} (a config's init.<role>.path)")
     with ocp.PyTreeCheckpointer() as reader:
         metadata = reader.metadata(path).item_metadata.tree

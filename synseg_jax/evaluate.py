@@ -15,22 +15,20 @@ from typing import Callable, Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
+import tensorflow as tf
 
 from synseg_jax import checkpoint, images, inputs, methods, metrics, parallel
 from synseg_jax.methods import base
 
 
-def make_eval_step(predict: Callable, num_classes: int, align_corners: bool = False) -> Callable:
-    """(seg_variables, batch) -> int32 [C, C] confusion of that batch; padding is masked out.
-    Logits are upsampled bilinearly to the label size (`align_corners`: model.align_corners)."""
+def label_scores(predict: Callable, align_corners: bool = False) -> Callable:
+    """One segmenter's (variables, images, size) -> class scores at `size` whose argmax is its
+    prediction: the logits upsampled bilinearly (`align_corners`: model.align_corners)."""
 
-    def step(variables, batch):
-        logits = predict(variables, batch["image"])
-        logits = images.resize_bilinear(logits, batch["label"].shape[1:3], align_corners)
-        pred = jnp.argmax(logits, axis=-1)
-        return metrics.confusion_matrix(pred, batch["label"], num_classes, mask=batch["mask"])
+    def scores(variables, x, size):
+        return images.resize_bilinear(predict(variables, x), size, align_corners)
 
-    return step
+    return scores
 
 
 def mean_softmax(predicts: Sequence[Callable], variables: Sequence, x: jax.Array,
@@ -42,18 +40,36 @@ def mean_softmax(predicts: Sequence[Callable], variables: Sequence, x: jax.Array
     return sum(probs) / len(probs)
 
 
+def ensemble_label_scores(predicts: Sequence[Callable], align_corners: bool = False) -> Callable:
+    """An ensemble's (tuple of member variables, images, size) -> its mean softmax at `size`."""
+
+    def scores(variables, x, size):
+        return mean_softmax(predicts, variables, x, size, align_corners)
+
+    return scores
+
+
+def make_confusion_step(scores: Callable, num_classes: int) -> Callable:
+    """(variables, batch) -> int32 [C, C] confusion of that batch, from `scores` (see
+    `label_scores`) taken at the label's size; padding is masked out."""
+
+    def step(variables, batch):
+        pred = jnp.argmax(scores(variables, batch["image"], batch["label"].shape[1:3]), axis=-1)
+        return metrics.confusion_matrix(pred, batch["label"], num_classes, mask=batch["mask"])
+
+    return step
+
+
+def make_eval_step(predict: Callable, num_classes: int, align_corners: bool = False) -> Callable:
+    """(seg_variables, batch) -> confusion of one segmenter's upsampled logits."""
+    return make_confusion_step(label_scores(predict, align_corners), num_classes)
+
+
 def make_ensemble_eval_step(predicts: Sequence[Callable], num_classes: int,
                             align_corners: bool = False) -> Callable:
     """(tuple of member variables, batch) -> confusion of the ensemble's mean softmax, taken at
     full label resolution."""
-
-    def step(variables, batch):
-        probs = mean_softmax(predicts, variables, batch["image"], batch["label"].shape[1:3],
-                             align_corners)
-        pred = jnp.argmax(probs, axis=-1)
-        return metrics.confusion_matrix(pred, batch["label"], num_classes, mask=batch["mask"])
-
-    return step
+    return make_confusion_step(ensemble_label_scores(predicts, align_corners), num_classes)
 
 
 def evaluate(eval_step: Callable, variables, batches: Iterable[dict]) -> metrics.SegmentationScores:
@@ -84,11 +100,12 @@ def write_results(workdir: str, name: str, step: int, scores: metrics.Segmentati
     """
     stem = results_stem(workdir, name, step) + (f".{variant}" if variant else "")
     if jax.process_index() == 0:
-        os.makedirs(os.path.dirname(stem), exist_ok=True)
+        # tf.io.gfile here and below: a workdir may be a gs:// bucket.
+        tf.io.gfile.makedirs(os.path.dirname(stem))
         record = {"split": name, "step": int(step), "variant": variant, **scores.to_dict()}
-        with open(stem + ".json", "w") as f:
+        with tf.io.gfile.GFile(stem + ".json", "w") as f:
             f.write(json.dumps(record, indent=2, allow_nan=False))
-        with open(stem + ".md", "w") as f:
+        with tf.io.gfile.GFile(stem + ".md", "w") as f:
             title = f"# {name}, step {step}" + (f" ({variant})" if variant else "")
             f.write(title + "\n\n" + metrics.markdown_table(scores))
         logging.info("Wrote %s.json and .md", stem)
@@ -131,8 +148,10 @@ def evaluate_checkpoint(config, workdir: str, step: int | None = None
     params, collections = restore_seg(config, workdir, step)
     variables = jax.device_put({"params": params, **collections}, parallel.replicated(mesh))
     method = methods.build(config)
+    # Replicated confusion matrices: with several processes, each can read the whole sum.
     eval_step = jax.jit(make_eval_step(method.predict, config.model.num_classes,
-                                       config.model.align_corners))
+                                       config.model.align_corners),
+                        out_shardings=parallel.replicated(mesh))
     variant = evaluation_variant(workdir, config)
     results = {}
     for name, split in inputs.eval_targets(config):
@@ -151,9 +170,9 @@ def evaluation_variant(workdir: str, config) -> str:
     """"" when `config` evaluates as the run's recorded config.json did; otherwise a file-safe
     name of the differing settings, e.g. "eval_size-64x128"."""
     path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
+    if not tf.io.gfile.exists(path):
         return ""
-    with open(path) as f:
+    with tf.io.gfile.GFile(path) as f:
         recorded = json.load(f)
     current = json.loads(config.to_json_best_effort())
     parts = []
@@ -175,9 +194,9 @@ def write_summary(workdir: str) -> None:
     """eval/summary.json: for each split, the last and the best evaluated step (say which!)."""
     directory = os.path.join(workdir, "eval")
     history: dict[str, list[tuple[int, float]]] = {}
-    for name in sorted(os.listdir(directory)):
+    for name in sorted(tf.io.gfile.listdir(directory)):
         if name.endswith(".json") and name != "summary.json":
-            with open(os.path.join(directory, name)) as f:
+            with tf.io.gfile.GFile(os.path.join(directory, name)) as f:
                 record = json.load(f)
             if record.get("variant"):  # --mode=eval with other settings: not this run's curve
                 continue
@@ -190,5 +209,5 @@ def write_summary(workdir: str) -> None:
         summary[split] = {"last": {"step": points[-1][0], "miou_19": points[-1][1]},
                           "best": {"step": best[0], "miou_19": best[1]},
                           "note": "best is selected on this split itself: an optimistic figure"}
-    with open(os.path.join(directory, "summary.json"), "w") as f:
+    with tf.io.gfile.GFile(os.path.join(directory, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)

@@ -11,11 +11,14 @@ from __future__ import annotations
 import contextlib
 import datetime
 import fcntl
+import logging
 import os
 import socket
 from collections.abc import Iterator
 
 import jax
+
+from synseg_jax import paths
 
 LOCK_NAME = ".lock"
 
@@ -29,6 +32,12 @@ def exclusive(workdir: str, wait: bool = False) -> Iterator[None]:
     """Holds the workdir's lock for the block. Taken: WorkdirBusyError naming the holder, or with
     `wait` (a shared, one-time product such as the demo's pretrained backbone) wait for it."""
     if jax.process_index() != 0:
+        yield
+        return
+    if paths.is_url(workdir):
+        # Object stores (gs://) have no file locks; such a workdir is not guarded.
+        logging.info("%s is not locked against a second run: no file locks on %s", workdir,
+                     workdir.split("://", 1)[0] + "://")
         yield
         return
     os.makedirs(workdir, exist_ok=True)

@@ -20,19 +20,26 @@ from synseg_jax.methods import base  # noqa: E402
 # missing file), as opposed to a bug: reported by their message alone.
 EXPECTED_ERRORS = (train.NonFiniteLossError, train.ConfigChangedError,
                    checkpoint.CheckpointMismatchError, FileNotFoundError, FileExistsError,
-                   pipeline.DataCorruptionError, datasets.DataDirError)
+                   pipeline.DataCorruptionError, datasets.DataDirError,
+                   recipe.StageError)
 
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/road.py:demo",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, summaries and results.")
 flags.DEFINE_enum("mode", "train", ["train", "eval"], "train (resumes if possible) or eval.")
 flags.DEFINE_integer("step", None, "--mode=eval: checkpoint step (default: latest).")
+flags.DEFINE_string("stage", None, "--mode=eval of a recipe: the stage to score, a train stage "
+                    "or an ensemble (default: the last train stage).")
 flags.DEFINE_bool("allow_config_change", False,
                   "Resume a workdir even though the config differs from the one it was trained "
                   "with in what is trained (the changed keys are logged).")
 flags.DEFINE_string("coordinator_address", None, "Multi-process: host:port of process 0.")
 flags.DEFINE_integer("num_processes", None, "Multi-process: number of processes.")
 flags.DEFINE_integer("process_id", None, "Multi-process: this process's index.")
+flags.DEFINE_enum("distributed", "flags", ["flags", "auto"],
+                  "flags: one process unless the three flags above describe a multi-process job. "
+                  "auto: join the job the environment describes (SLURM, Cloud TPU), taking from "
+                  "it whatever of the three flags is not given.")
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
@@ -42,7 +49,8 @@ def main(argv, file_config=None):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     parallel.maybe_initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
-                                          FLAGS.process_id)
+                                          FLAGS.process_id,
+                                          auto_detect=FLAGS.distributed == "auto")
     logging.set_verbosity(logging.INFO)
     # Our progress goes through the stdlib root logger; libraries that log through absl (orbax's
     # per-save chatter, clu) are kept to warnings so the progress lines stay readable.
@@ -58,11 +66,15 @@ def main(argv, file_config=None):
             sys.exit(2)
     try:
         recipe.run(config, paths.absolute(FLAGS.workdir), FLAGS.mode, FLAGS.step,
-                   FLAGS.allow_config_change)
+                   FLAGS.allow_config_change, FLAGS.stage)
     except EXPECTED_ERRORS as error:
         # What a user did or must do, said once: no traceback around it.
         print(f"error: {error}", file=sys.stderr, flush=True)
         sys.exit(1)
+    except train.StopRequested as stopped:
+        # Its own exit code, so that a job script requeues this run rather than report a failure.
+        print(f"stopped: {stopped}", file=sys.stderr, flush=True)
+        sys.exit(stopped.exit_code)
 
 
 def check_config_flag(argv):

@@ -38,7 +38,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from synseg_jax import evaluate, images, inputs, methods, paths
+from synseg_jax import evaluate, inputs, methods, paths, recipe
 from synseg_jax.data import datasets, labels, pipeline
 
 SUFFIX = "_pred_labelIds.png"
@@ -74,13 +74,14 @@ def write_prediction(out_dir: str, name: str, train_ids: np.ndarray,
     return path
 
 
-def make_predict_step(predict: Callable, align_corners: bool = False) -> Callable:
-    """(seg_variables, batch) -> uint8 trainIds [B, H, W] at the label's size (jit it)."""
+def make_predict_step(scores: Callable) -> Callable:
+    """(variables, batch) -> uint8 trainIds [B, H, W] at the label's size (jit it); `scores`:
+    evaluate.label_scores' (variables, images, size) -> class scores, of a segmenter or of an
+    ensemble."""
 
     def step(variables, batch):
-        logits = predict(variables, batch[pipeline.IMAGE])
-        logits = images.resize_bilinear(logits, batch[pipeline.LABEL].shape[1:3], align_corners)
-        return jnp.argmax(logits, axis=-1).astype(jnp.uint8)
+        out = scores(variables, batch[pipeline.IMAGE], batch[pipeline.LABEL].shape[1:3])
+        return jnp.argmax(out, axis=-1).astype(jnp.uint8)
 
     return step
 
@@ -132,9 +133,10 @@ def export_batches(step: Callable, variables, batches: Iterable[dict], num_examp
     return written
 
 
-def export_split(config, predict: Callable, variables, dataset: str, split: str, out_dir: str,
+def export_split(config, scores: Callable, variables, dataset: str, split: str, out_dir: str,
                  colour_dir: str | None = None) -> list[str]:
-    """Predicts every example of ``dataset/split`` with the config's data settings; writes PNGs."""
+    """Predicts every example of ``dataset/split`` with the config's data settings; writes PNGs.
+    `scores`: see `make_predict_step`."""
     if jax.process_count() != 1:
         raise NotImplementedError("predict runs in a single process")
     data = config.data
@@ -145,7 +147,7 @@ def export_split(config, predict: Callable, variables, dataset: str, split: str,
                               table=opened.label_table, image_size=tuple(data.eval_size) or None,
                               normalization=data.normalization, name=opened.description)
     batches = pipeline.HostIterator(ds, name=opened.description)
-    step = jax.jit(make_predict_step(predict, config.model.align_corners))
+    step = jax.jit(make_predict_step(scores))
     written = export_batches(step, variables, batches, opened.num_examples, out_dir, colour_dir)
     logging.info("Wrote %d predictions of %s to %s", len(written), opened.description, out_dir)
     return written
@@ -178,11 +180,12 @@ def overlay(rgb: np.ndarray, train_ids: np.ndarray) -> np.ndarray:
     return np.where(keep, rgb, np.rint(mixed)).astype(np.uint8)
 
 
-def export_folder(config, predict: Callable, variables, folder: str, out_dir: str,
+def export_folder(config, scores: Callable, variables, folder: str, out_dir: str,
                   colour_dir: str | None = None) -> list[str]:
     """Predicts every image under ``folder`` at ``data.eval_size`` (or its own size when that is
-    empty), upsamples the logits to the image's size as `evaluate` does, and writes labelIds and
-    overlay PNGs; returns the labelIds paths. Non-image files are skipped and logged by name."""
+    empty), takes the class scores at the image's size as `evaluate` does (`scores`: see
+    `make_predict_step`), and writes labelIds and overlay PNGs; returns the labelIds paths.
+    Non-image files are skipped and logged by name."""
     import tensorflow as tf  # noqa: PLC0415  (predict's data path is TF's, as in evaluation)
 
     files, skipped = image_files(folder)
@@ -195,9 +198,7 @@ def export_folder(config, predict: Callable, variables, folder: str, out_dir: st
     eval_size = tuple(data.eval_size) or None
 
     def step(variables, image, out_hw):
-        logits = images.resize_bilinear(predict(variables, image), out_hw,
-                                        config.model.align_corners)
-        return jnp.argmax(logits, axis=-1).astype(jnp.uint8)
+        return jnp.argmax(scores(variables, image, out_hw), axis=-1).astype(jnp.uint8)
 
     step = jax.jit(step, static_argnums=2)  # compiled once per distinct image size
 
@@ -220,16 +221,25 @@ def export_folder(config, predict: Callable, variables, folder: str, out_dir: st
     return written
 
 
-def run(config, workdir: str, dataset: str, split: str, out_dir: str, *, step: int | None = None,
-        colour_dir: str | None = None, images_dir: str | None = None) -> list[str]:
-    """Restores the `seg` role of ``workdir``'s checkpoint (latest or ``step``) and exports a
-    dataset split, or the images under ``images_dir`` when given."""
-    params, collections = evaluate.restore_seg(config, workdir, step)
-    method = methods.build(config)
-    variables = {"params": params, **collections}
+def run(config, workdir: str, dataset: str | None, split: str | None, out_dir: str, *,
+        step: int | None = None, colour_dir: str | None = None, images_dir: str | None = None,
+        stage: str | None = None) -> list[str]:
+    """Restores the `seg` role of ``workdir``'s checkpoint (latest or ``step``), or for a recipe
+    the segmenter of ``stage`` (default: its last train stage; an ensemble stage predicts with
+    its members' mean softmax), and exports a dataset split (default: the config's eval split),
+    or the images under ``images_dir`` when given."""
+    if config.stages:
+        config, scores, variables = recipe.stage_predictor(config, workdir, stage, step)
+    elif stage:
+        raise recipe.StageError(f"--stage={stage!r}: the config has no stages (a single run)")
+    else:
+        params, collections = evaluate.restore_seg(config, workdir, step)
+        scores = evaluate.label_scores(methods.build(config).predict, config.model.align_corners)
+        variables = {"params": params, **collections}
     if images_dir:
-        return export_folder(config, method.predict, variables, images_dir, out_dir, colour_dir)
-    return export_split(config, method.predict, variables, dataset, split, out_dir, colour_dir)
+        return export_folder(config, scores, variables, images_dir, out_dir, colour_dir)
+    return export_split(config, scores, variables, dataset or config.data.eval_dataset,
+                        split or config.data.eval_split, out_dir, colour_dir)
 
 
 def command_config(argv):
@@ -250,15 +260,13 @@ def main(argv):
 
     FLAGS = flags.FLAGS
     config = command_config(argv)
-    dataset = FLAGS.dataset or config.data.eval_dataset
-    split = FLAGS.split or config.data.eval_split
     out = paths.absolute(FLAGS.out)
     images_dir = paths.absolute(FLAGS.images) if FLAGS.images else None
     try:
-        written = run(config, paths.absolute(FLAGS.workdir), dataset, split, out,
+        written = run(config, paths.absolute(FLAGS.workdir), FLAGS.dataset, FLAGS.split, out,
                       step=FLAGS.step, colour_dir=paths.absolute(FLAGS.colour_out),
-                      images_dir=images_dir)
-    except FileNotFoundError as error:
+                      images_dir=images_dir, stage=FLAGS.stage)
+    except (FileNotFoundError, recipe.StageError) as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
         sys.exit(1)
     print(f"Wrote {len(written)} labelId PNGs to {out}")
@@ -276,6 +284,8 @@ def _define_flags():
     flags.DEFINE_string("out", None, "Folder for <name>_pred_labelIds.png.")
     flags.DEFINE_string("colour_out", None, "Optional folder for colourised <name>_color.png.")
     flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
+    flags.DEFINE_string("stage", None, "A recipe's stage to predict with: a train stage or an "
+                        "ensemble (default: the last train stage).")
     flags.DEFINE_string("images", None, "A folder of images to predict instead of a dataset "
                         "split (any size; non-image files are skipped and named).")
     flags.mark_flags_as_required(["config", "workdir", "out"])

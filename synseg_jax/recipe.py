@@ -10,12 +10,14 @@ when the command is run again, so a killed recipe resumes in the stage it was in
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Callable
 import json
 import logging
 import os
 
 import jax
 import ml_collections
+import tensorflow as tf
 
 from synseg_jax import (checkpoint, config_keys, evaluate, inputs, locks, methods, metrics,
                         parallel, paths, pseudo_labels, sweep, train)
@@ -51,7 +53,7 @@ def demo_backbone_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
     """The workdir of the demo pretraining a run in `workdir` uses (shared by the runs beside
     it): `pretrain.workdir`, or `<workdir>/../pretrain_<backbone key>`."""
     return config.pretrain.workdir or os.path.join(
-        os.path.dirname(os.path.abspath(workdir)), f"pretrain_{backbone_key(config)}")
+        os.path.dirname(paths.absolute(workdir)), f"pretrain_{backbone_key(config)}")
 
 
 def pretrain_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -83,10 +85,11 @@ def ensure_pretrained(config: ml_collections.ConfigDict, workdir: str) -> ml_col
         return config
     pre_workdir = demo_backbone_dir(config, workdir)
     weights = os.path.join(pre_workdir, "backbone")
-    if not os.path.isdir(weights):
+    # tf.io.gfile here and in the stages: a workdir may be a gs:// bucket.
+    if not tf.io.gfile.isdir(weights):
         # Runs in other workdirs may want the same backbone: one pretrains, the others wait.
         with locks.exclusive(pre_workdir, wait=True):
-            if not os.path.isdir(weights):
+            if not tf.io.gfile.isdir(weights):
                 pre_config = pretrain_config(config)
                 print(f"No demo-pretrained backbone at {weights}: pretraining it on minicity "
                       f"objects first ({pre_config.train.steps} steps, one time).", flush=True)
@@ -187,10 +190,12 @@ def _run_train_stage(config, workdir: str, name: str, allow_config_change: bool)
     return {k: v.miou_19 for k, v in results.items()}
 
 
-def _members(config, workdir: str, name: str) -> tuple[list[sweep.Model], ml_collections.ConfigDict]:
-    """The final segmenters of the earlier stages that stage `name` names (an ensemble stage
-    stands for its members), and the first member's config. Members must agree on what their
-    outputs mean and how their inputs are made: class count and normalisation."""
+class StageError(ValueError):
+    """A --stage or --step that names nothing the recipe can score or predict with."""
+
+
+def _member_names(config, name: str) -> list[str]:
+    """The train stages whose segmenters stage `name` uses (an ensemble stands for its members)."""
     stage = config.stages[name]
     if not stage.models:
         raise ValueError(f"Stage {name!r} names no models (stages.{name}.models)")
@@ -199,6 +204,14 @@ def _members(config, workdir: str, name: str) -> tuple[list[sweep.Model], ml_col
         _check_earlier(config, name, other, ("train", "ensemble"))
         names += (list(config.stages[other].models) if config.stages[other].kind == "ensemble"
                   else [other])
+    return names
+
+
+def _members(config, workdir: str, name: str) -> tuple[list[sweep.Model], ml_collections.ConfigDict]:
+    """The final segmenters of the earlier stages that stage `name` names (an ensemble stage
+    stands for its members), and the first member's config. Members must agree on what their
+    outputs mean and how their inputs are made: class count and normalisation."""
+    names = _member_names(config, name)
     configs = [stage_config(config, workdir, member) for member in names]
     first = configs[0]
     for member, cfg in zip(names, configs):
@@ -216,25 +229,82 @@ def _members(config, workdir: str, name: str) -> tuple[list[sweep.Model], ml_col
     return models, first
 
 
-def _run_ensemble_stage(config, workdir: str, name: str) -> dict:
-    """Scores the mean softmax of the members (FDA's multi-band transfer) on the eval splits;
-    results land in <workdir>/<name>/eval like a train stage's, at step `train.steps`."""
+def score_ensemble(config, workdir: str, name: str, variant: str = ""
+                   ) -> dict[str, metrics.SegmentationScores]:
+    """Scores the mean softmax of ensemble stage `name`'s members (FDA's multi-band transfer)
+    on the eval splits; results land in <workdir>/<name>/eval like a train stage's, at step
+    `train.steps` (`variant`: see evaluate.write_results)."""
     models, member_config = _members(config, workdir, name)
     mesh = parallel.make_mesh()
     variables = jax.device_put(tuple(v for _, v in models), parallel.replicated(mesh))
     eval_step = jax.jit(evaluate.make_ensemble_eval_step(
         [p for p, _ in models], member_config.model.num_classes, member_config.model.align_corners))
     stage_dir = os.path.join(workdir, name)
-    summary = {}
+    results = {}
     for dataset, split in inputs.eval_targets(member_config):
         scores = evaluate.evaluate(eval_step, variables,
                                    inputs.eval_batches(member_config, mesh, dataset, split))
-        evaluate.write_results(stage_dir, f"{dataset}/{split}", member_config.train.steps, scores)
+        evaluate.write_results(stage_dir, f"{dataset}/{split}", member_config.train.steps, scores,
+                               variant)
         print(f"\n{name}: {dataset}/{split}\n\n{metrics.markdown_table(scores)}", flush=True)
-        summary[f"{dataset}/{split}"] = scores.miou_19
+        results[f"{dataset}/{split}"] = scores
     if jax.process_index() == 0:
         evaluate.write_summary(stage_dir)
-    return summary
+    return results
+
+
+def _run_ensemble_stage(config, workdir: str, name: str) -> dict:
+    return {k: v.miou_19 for k, v in score_ensemble(config, workdir, name).items()}
+
+
+def _ensemble_variant(config, workdir: str, name: str) -> str:
+    """The settings in which scoring ensemble `name` now differs from how its first member
+    was trained and scored (evaluate.evaluation_variant)."""
+    first = _member_names(config, name)[0]
+    return evaluate.evaluation_variant(os.path.join(workdir, first),
+                                       stage_config(config, workdir, first))
+
+
+def scoring_stage(config, name: str | None) -> str:
+    """The stage that --mode=eval and predict use: `name` (a train stage with a segmenter, or
+    an ensemble stage), or the last train stage when None."""
+    if not name:
+        return last_train_stage(config)
+    if name not in config.stages:
+        raise StageError(f"--stage={name!r} is not a stage of the config; stages: "
+                         f"{list(config.stages.keys())}")
+    kind = config.stages[name].kind
+    if kind == "ensemble":
+        return name
+    if kind != "train" or base.eval_role_of(methods.METHODS.get(stage_method(config, name))) is None:
+        raise StageError(f"--stage={name!r} ({kind} stage) has no segmenter to score or predict "
+                         "with: name a train stage with a segmenter or an ensemble stage")
+    return name
+
+
+def _no_step_for_ensemble(name: str, step: int | None) -> None:
+    if step is not None:
+        raise StageError(f"--step={step}: ensemble stage {name!r} has no checkpoints of its own; "
+                         "it uses its members' final weights")
+
+
+def stage_predictor(config, workdir: str, name: str | None = None, step: int | None = None
+                    ) -> tuple[ml_collections.ConfigDict, Callable, object]:
+    """(config, scores, variables) of a recipe's stage for predictions: `scores` is
+    evaluate.label_scores' (variables, images, size) -> class scores, of the stage's segmenter
+    or of an ensemble stage's mean softmax; `config` is the stage's (an ensemble's first
+    member's), whose data settings make the inputs."""
+    name = scoring_stage(config, name)
+    if config.stages[name].kind == "ensemble":
+        _no_step_for_ensemble(name, step)
+        models, member_config = _members(config, workdir, name)
+        return (member_config, evaluate.ensemble_label_scores(
+            [p for p, _ in models], member_config.model.align_corners),
+            tuple(v for _, v in models))
+    cfg = stage_config(config, workdir, name)
+    params, collections = evaluate.restore_seg(cfg, os.path.join(workdir, name), step)
+    return (cfg, evaluate.label_scores(methods.build(cfg).predict, cfg.model.align_corners),
+            {"params": params, **collections})
 
 
 def _run_sweep_stage(config, workdir: str, name: str) -> dict:
@@ -283,9 +353,9 @@ def run_stages(config: ml_collections.ConfigDict, workdir: str,
     for name in stage_names(config):
         stage = config.stages[name]
         done = os.path.join(workdir, name, DONE)
-        if os.path.exists(done):
+        if tf.io.gfile.exists(done):
             print(f"Stage {name!r} is done ({done}); skipping it.", flush=True)
-            with open(done) as f:
+            with tf.io.gfile.GFile(done) as f:
                 summaries[name] = json.load(f)
             continue
         print(f"Stage {name!r} ({stage.kind}) in {os.path.join(workdir, name)}", flush=True)
@@ -301,7 +371,7 @@ def run_stages(config: ml_collections.ConfigDict, workdir: str,
             raise ValueError(f"Stage {name!r} has kind {stage.kind!r}; expected 'train', "
                              "'sweep', 'ensemble' or 'translate'")
         if jax.process_index() == 0:
-            with open(done, "w") as f:
+            with tf.io.gfile.GFile(done, "w") as f:
                 json.dump(summary, f, indent=2)
         summaries[name] = summary
     return summaries
@@ -322,24 +392,34 @@ def stage_method(config: ml_collections.ConfigDict, name: str) -> str:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, mode: str = "train",
-        step: int | None = None, allow_config_change: bool = False
+        step: int | None = None, allow_config_change: bool = False, stage: str | None = None
         ) -> dict[str, metrics.SegmentationScores]:
     """--mode=train (resuming) or eval; `allow_config_change` lets a resume take a changed
-    config (train.save_config names the changes)."""
+    config (train.save_config names the changes); `stage`: the recipe stage --mode=eval scores
+    (default: the last train stage)."""
+    if stage and not config.stages:
+        raise StageError(f"--stage={stage!r}: the config has no stages (it is a single run)")
+    if stage and mode == "train":
+        raise StageError("--stage is for --mode=eval; training runs every stage not yet done")
     if mode == "train":
         with locks.exclusive(workdir):
-            return _run_locked(config, workdir, mode, step, allow_config_change)
-    return _run_locked(config, workdir, mode, step, allow_config_change)
+            return _run_locked(config, workdir, mode, step, allow_config_change, stage)
+    return _run_locked(config, workdir, mode, step, allow_config_change, stage)
 
 
-def _run_locked(config, workdir: str, mode: str, step: int | None, allow_config_change: bool):
+def _run_locked(config, workdir: str, mode: str, step: int | None, allow_config_change: bool,
+                stage: str | None = None):
     if config.stages and mode == "train":
         summaries = run_stages(config, workdir, allow_config_change)
         print("\n" + json.dumps(summaries, indent=2), flush=True)
         return {}  # per-class tables: <workdir>/<stage>/eval/*.md
-    if config.stages:  # --mode=eval scores the last train stage
-        last = last_train_stage(config)
-        config, workdir = stage_config(config, workdir, last), os.path.join(workdir, last)
+    if config.stages:  # --mode=eval scores one stage, by default the last train stage
+        name = scoring_stage(config, stage)
+        if config.stages[name].kind == "ensemble":
+            _no_step_for_ensemble(name, step)
+            return score_ensemble(config, workdir, name,
+                                  _ensemble_variant(config, workdir, name))
+        config, workdir = stage_config(config, workdir, name), os.path.join(workdir, name)
     if mode == "train":
         config = ensure_pretrained(config, workdir)
         results = train.train_and_evaluate(config, workdir, allow_config_change)

@@ -2,8 +2,9 @@
 
 It builds the mesh, the data streams and the method's state, jits `method.train_step` with the
 state donated and explicit shardings, and runs it: logging scalars and images through clu,
-checkpointing through orbax (resuming from the latest step), evaluating periodically, and
-stopping on a non-finite loss before that step can reach a checkpoint.
+checkpointing through orbax (resuming from the latest step), evaluating periodically, stopping on
+a non-finite loss before that step can reach a checkpoint, and stopping on SIGTERM or SIGUSR1
+(a cluster's preemption or time-limit notice) after a final checkpoint, for a rerun to resume.
 """
 
 from __future__ import annotations
@@ -12,12 +13,17 @@ import json
 import logging
 import math
 import os
+import signal
+import threading
 import time
 
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
+import tensorflow as tf
 from clu import metric_writers
+from jax.experimental import multihost_utils
 
 from synseg_jax import checkpoint, evaluate, fda, images, inputs, methods, metrics, parallel
 from synseg_jax.data import labels
@@ -31,6 +37,54 @@ class NonFiniteLossError(FloatingPointError):
 
 class ConfigChangedError(ValueError):
     """A resumed run whose config differs from the one its checkpoints were trained with."""
+
+
+class StopRequested(Exception):
+    """Training stopped on a signal, after saving a checkpoint of the step it had reached.
+
+    Not a failure: the same command resumes. `exit_code` is what the command exits with, so a
+    job script can tell this apart from an error (and requeue): EX_TEMPFAIL, "try again later".
+    """
+
+    exit_code = 75
+
+
+# The notices a cluster sends before it takes the machine: SIGTERM (preemption, scancel, a TPU
+# VM's maintenance) and SIGUSR1 (what launch/slurm.sbatch asks SLURM to send before the time
+# limit). SIGINT stays KeyboardInterrupt: a person at the terminal wants it to stop now.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class StopSignals:
+    """Context manager that records the arrival of any of `signals` instead of dying of it.
+
+    A handler cannot save a checkpoint itself: it runs between two Python bytecodes, perhaps in
+    the middle of dispatching a step whose state is not yet computed. So it only notes the
+    signal; the loop saves at its next step boundary. The previous handlers come back on exit.
+    Outside the main thread (where Python cannot install handlers) it records nothing.
+    """
+
+    def __init__(self, signals=STOP_SIGNALS):
+        self.signals = tuple(signals)
+        self.received: str | None = None
+        self._previous: dict = {}
+
+    def _note(self, signum, frame):
+        if self.received is None:
+            self.received = signal.Signals(signum).name
+            logging.warning("%s received: stopping after the next step, with a checkpoint",
+                            self.received)
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.signals:
+                self._previous[sig] = signal.signal(sig, self._note)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
 
 
 # Fields a resume may change without changing what is trained: how long, how often it logs,
@@ -66,8 +120,9 @@ def save_config(config: ml_collections.ConfigDict, workdir: str, resuming: bool 
     """
     text = config.to_json_best_effort(indent=2, sort_keys=True)
     path = os.path.join(workdir, "config.json")
-    if resuming and os.path.exists(path):
-        with open(path) as f:
+    # tf.io.gfile: a workdir may be a gs:// bucket (a TPU pod's runs).
+    if resuming and tf.io.gfile.exists(path):
+        with tf.io.gfile.GFile(path) as f:
             changes = config_changes(json.load(f), json.loads(text))
         blocking = [c for c in changes if not c.startswith(tuple(k + ":"
                                                                  for k in RESUMABLE_CHANGES))]
@@ -79,8 +134,8 @@ def save_config(config: ml_collections.ConfigDict, workdir: str, resuming: bool 
         if changes:
             logging.warning("Resuming %s with changed config: %s", workdir, "; ".join(changes))
     if jax.process_index() == 0:
-        os.makedirs(workdir, exist_ok=True)
-        with open(path, "w") as f:
+        tf.io.gfile.makedirs(workdir)
+        with tf.io.gfile.GFile(path, "w") as f:
             f.write(text)
 
 
@@ -147,7 +202,16 @@ def run_evaluation(config, role: str, state: TrainState, mesh, workdir: str, ste
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        allow_config_change: bool = False
                        ) -> dict[str, metrics.SegmentationScores]:
-    """Trains `config.method` for `config.train.steps`; returns the final evaluation scores."""
+    """Trains `config.method` for `config.train.steps`; returns the final evaluation scores.
+
+    SIGTERM or SIGUSR1 (to any one process) stops every process after the same step, which is
+    saved first; StopRequested then says so, and running the same call again resumes there.
+    """
+    with StopSignals() as stop:
+        return _train_and_evaluate(config, workdir, allow_config_change, stop)
+
+
+def _train_and_evaluate(config, workdir, allow_config_change, stop: StopSignals):
     mesh = parallel.make_mesh()
     repl, data_sharding = parallel.replicated(mesh), parallel.data_sharding(mesh)
     method = methods.build(config)
@@ -155,6 +219,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                                    max_to_keep=config.train.keep_checkpoints)
     start_step = ckpt.latest_step() or 0
     total_steps = config.train.steps
+    eval_role = base.eval_role_of(method)
+    eval_targets = (inputs.eval_targets(config)
+                    if config.data.eval_dataset and eval_role is not None else [])
+    open_data_on_process_zero_first(config, eval_targets)
     # A resumed run continues the uninterrupted run's data stream at its next batch.
     batches = inputs.train_batches(config, mesh, seed=config.seed, start_step=start_step)
     batch = next(batches)
@@ -170,13 +238,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         state = ckpt.restore(state)
         logging.info("Resumed from step %d of %s", start_step, ckpt.directory)
 
-    train_step = jax.jit(with_input_transform(method.train_step, config), donate_argnums=(0,),
-                         in_shardings=(repl, data_sharding), out_shardings=(repl, repl))
-    eval_role = base.eval_role_of(method)
+    train_step = jax.jit(with_stop_votes(with_input_transform(method.train_step, config)),
+                         donate_argnums=(0,), in_shardings=(repl, data_sharding, data_sharding),
+                         out_shardings=(repl, repl, repl))
+    votes = stop_votes(mesh)
+    # Replicated confusion matrices: every process can read the sum over all of them.
     eval_step = jax.jit(evaluate.make_eval_step(method.predict, config.model.num_classes,
-                                                config.model.align_corners))
-    eval_targets = (inputs.eval_targets(config)
-                    if config.data.eval_dataset and eval_role is not None else [])
+                                                config.model.align_corners), out_shardings=repl)
     summaries = summaries_of(method, config.data.normalization)
     if summaries is not None:
         summaries = with_input_transform(summaries, config, show_original=True)
@@ -186,36 +254,48 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         workdir, just_logging=jax.process_index() > 0, asynchronous=True)
     t = config.train
     results: dict[str, metrics.SegmentationScores] = {}
-    pending = None  # (step, device metrics) of the previous step, checked one step late
+    pending = None  # (step, device metrics, stop agreed) of the previous step, read one step late
     interval = MetricsInterval()
     timer_start, timer_steps = time.time(), 0
 
     for step in range(start_step + 1, total_steps + 1):
         if step > start_step + 1:
             batch = next(batches)
-        state, step_metrics = train_step(state, batch)
+        state, step_metrics, stop_agreed = train_step(state, batch, votes(stop.received))
         # Reading the previous step's metrics keeps the device busy while the host checks them.
+        stopping = False
         if pending is not None:
-            host = {k: float(v) for k, v in jax.device_get(pending[1]).items()}
+            host, stopping = _read(pending)
             _check_finite(host, pending[0], ckpt)
             interval.add(host)
             if pending[0] % t.log_every == 0:
                 _log_progress(writer, pending[0], interval.pop(), total_steps, timer_start,
                               timer_steps)
                 timer_start, timer_steps = time.time(), 0
-        pending = (step, step_metrics)
+        pending = (step, step_metrics, stop_agreed)
         timer_steps += 1
 
         is_last = step == total_steps
+        if stopping and not is_last:
+            # Every process read the same agreed vote, so all of them save this step and stop.
+            host, _ = _read(pending)
+            _check_finite(host, step, ckpt)
+            interval.add(host)
+            _log_progress(writer, step, interval.pop(), total_steps, timer_start, timer_steps)
+            _save_checkpoint(ckpt, step, state)
+            ckpt.close()
+            writer.flush()
+            asked = (f"{stop.received} received" if stop.received
+                     else "another process received a stop signal")
+            raise StopRequested(f"Stopped after step {step}/{total_steps} ({asked}); its "
+                                f"checkpoint is in {ckpt.directory}. Run the same command again "
+                                "to resume")
         if summaries is not None and t.image_every and (step % t.image_every == 0 or is_last):
             writer.write_images(step, jax.device_get(summaries(state, batch)))
         if step % t.checkpoint_every == 0 or is_last:
-            host = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+            host, _ = _read(pending)
             _check_finite(host, step, ckpt)  # a bad step never reaches a checkpoint
-            if not bool(_params_finite(state)):
-                raise _stop(f"Non-finite parameters after step {step} (its losses were finite)",
-                            ckpt)
-            ckpt.save(step, state)
+            _save_checkpoint(ckpt, step, state)
         if eval_targets and ((t.eval_every and step % t.eval_every == 0) or is_last):
             targets = eval_targets if is_last else eval_targets[:1]
             results = run_evaluation(config, eval_role, state, mesh, workdir, step, targets,
@@ -225,7 +305,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                 logging.info("step %d %s mIoU %.2f", step, key, 100 * scores.miou_19)
 
     if pending is not None:
-        host = {k: float(v) for k, v in jax.device_get(pending[1]).items()}
+        host, _ = _read(pending)
         _check_finite(host, pending[0], ckpt)
         interval.add(host)  # the final step is always logged
         _log_progress(writer, pending[0], interval.pop(), total_steps, timer_start, timer_steps)
@@ -236,6 +316,69 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     if results and jax.process_index() == 0:
         evaluate.write_summary(workdir)
     return results
+
+
+def _read(pending) -> tuple[dict[str, float], bool]:
+    """A step's metrics on the host, and whether any process had asked to stop by then."""
+    _, device_metrics, stop_agreed = pending
+    host_metrics, stop_agreed = jax.device_get((device_metrics, stop_agreed))
+    return {k: float(v) for k, v in host_metrics.items()}, bool(stop_agreed)
+
+
+def _save_checkpoint(ckpt: checkpoint.Checkpointer, step: int, state: TrainState) -> None:
+    if not bool(_params_finite(state)):
+        raise _stop(f"Non-finite parameters after step {step} (its losses were finite)", ckpt)
+    ckpt.save(step, state)
+
+
+def with_stop_votes(train_step):
+    """`train_step(state, batch) -> (state, metrics)` as `step(state, batch, votes) -> (state,
+    metrics, whether any vote is True)`.
+
+    `votes` holds one bool per device, True on the devices of a process that received a stop
+    signal. Reducing them inside the step tells every process the same answer in the same step,
+    at no extra synchronisation: the loop reads it with that step's metrics. Processes that
+    decided alone, each when its own signal came, would stop at different steps, and the
+    collective checkpoint save would wait forever for the ones still training.
+    """
+
+    def step(state, batch, votes):
+        state, step_metrics = train_step(state, batch)
+        return state, step_metrics, jnp.any(votes)
+
+    return step
+
+
+def stop_votes(mesh):
+    """`votes(received)` → this process's vote array for `with_stop_votes` (made once per value)."""
+    made = {}
+
+    def votes(received) -> jax.Array:
+        wants_stop = received is not None
+        if wants_stop not in made:
+            local = np.full((len(mesh.local_devices),), wants_stop)
+            made[wants_stop] = parallel.to_global(local, mesh)
+        return made[wants_stop]
+
+    return votes
+
+
+def open_data_on_process_zero_first(config: ml_collections.ConfigDict,
+                                    eval_targets: list[tuple[str, str]]) -> None:
+    """minicity renders itself into the data dir the first time one of its splits is opened.
+    Two processes rendering the same dataset into one folder collide (each renames its finished
+    build onto the same path), so with several processes, process 0 opens every split the run
+    reads, rendering what is missing, while the others wait for it."""
+    if jax.process_count() == 1:
+        return
+    if jax.process_index() == 0:
+        data = config.data
+        splits = [(data.source, data.source_split), *eval_targets]
+        if data.target:
+            splits.append((data.target, data.target_split))
+        for name, split in splits:
+            inputs.open_split(data, name, split, decode=False)
+    multihost_utils.sync_global_devices("synseg_jax: data dir ready")
 
 
 def init_compiler_options() -> dict | None:

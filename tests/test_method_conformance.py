@@ -2,7 +2,6 @@
 jitted step with well-named finite metrics and an lr per optimised role, predict's class count,
 and a restore of the evaluated role alone from a checkpoint."""
 
-import os
 
 import jax
 import jax.numpy as jnp

@@ -142,3 +142,33 @@ def test_two_processes_form_one_global_batch():
                 p.communicate()
     for pid, out in enumerate(outs):
         assert f"OK {pid}" in out, out
+
+
+def test_auto_detect_joins_the_job_that_slurm_describes():
+    """What `main --distributed=auto` does under launch/slurm.sbatch: two processes that are
+    given nothing but SLURM's variables find each other."""
+    code = """
+        import jax
+        from synseg_jax import parallel
+        assert parallel.maybe_initialize_distributed(auto_detect=True)
+        assert jax.process_count() == 2 and jax.device_count() == 4
+        print("OK", jax.process_index())
+        """
+    port = str(free_port())
+    procs = []
+    for rank in (0, 1):
+        slurm = {"SLURM_JOB_ID": "4242", "SLURM_STEP_NODELIST": "localhost",
+                 "SLURM_NTASKS": "2", "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank),
+                 "JAX_COORDINATOR_PORT": port}
+        procs.append(subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)],
+                                      env={**python_env(2), **slurm}, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+    try:
+        outs = [finish(p, timeout=180) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+    for rank, out in enumerate(outs):
+        assert f"OK {rank}" in out, out

@@ -107,6 +107,9 @@ def fake_predict(variables, images):
     return jnp.einsum("bhwc,ck->bhwk", images, variables["params"]["w"])
 
 
+FAKE_SCORES = evaluate.label_scores(fake_predict)
+
+
 def test_export_split_matches_official_evaluator(tmp_path):
     gt_paths = fake_cityscapes_val(str(tmp_path / "manual"))
     data_dir = str(tmp_path / "data")
@@ -117,7 +120,7 @@ def test_export_split_matches_official_evaluator(tmp_path):
         f"gta5,data.data_dir={data_dir},data.eval_size={EVAL_SIZE},data.eval_batch_size=2")
     variables = {"params": {"w": jax.random.normal(jax.random.PRNGKey(0), (3, 19))}}
     out = str(tmp_path / "pred")
-    paths = predict.export_split(config, fake_predict, variables, "cityscapes", "validation", out,
+    paths = predict.export_split(config, FAKE_SCORES, variables, "cityscapes", "validation", out,
                                  colour_dir=str(tmp_path / "colour"))
     names = [os.path.basename(p)[: -len(predict.SUFFIX)] for p in paths]
     assert sorted(names) == sorted(gt_paths)  # one PNG per frame, named <city>_<seq>_<frame>
@@ -225,13 +228,13 @@ def test_predict_a_folder_of_images_like_the_evaluation_protocol(tmp_path, caplo
     config = source_only.get_config(f"gta5,data.eval_size={EVAL_SIZE}")
     variables = {"params": {"w": jax.random.normal(jax.random.PRNGKey(0), (3, 19))}}
     with caplog.at_level(logging.WARNING):
-        paths = predict.export_folder(config, fake_predict, variables, str(folder),
+        paths = predict.export_folder(config, FAKE_SCORES, variables, str(folder),
                                       str(tmp_path / "out"))
     assert [os.path.basename(p) for p in paths] == [
         f"a{predict.SUFFIX}", f"day2_b{predict.SUFFIX}"]
     skipped = " ".join(r.getMessage() for r in caplog.records)
     assert "notes.txt" in skipped and "broken.png" in skipped
-    step = jax.jit(predict.make_predict_step(fake_predict))
+    step = jax.jit(predict.make_predict_step(FAKE_SCORES))
     for path, rgb in zip(paths, (a, b)):
         got = np.asarray(Image.open(path))
         assert got.shape == rgb.shape[:2]
@@ -247,5 +250,5 @@ def test_predict_a_folder_of_images_like_the_evaluation_protocol(tmp_path, caplo
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "readme.md").write_text("x")
     with pytest.raises(FileNotFoundError, match=r"no image files in .*empty \(1 other"):
-        predict.export_folder(config, fake_predict, variables, str(tmp_path / "empty"),
+        predict.export_folder(config, FAKE_SCORES, variables, str(tmp_path / "empty"),
                               str(tmp_path / "x"))

@@ -6,10 +6,12 @@ import json
 import os
 
 import jax
+import numpy as np
 import pytest
+from PIL import Image
 
 from configs import realtime_da
-from synseg_jax import evaluate, metrics, recipe
+from synseg_jax import evaluate, metrics, predict, recipe
 from tests.tiny import TINY_DATA_AND_MODEL
 
 STEPS = ["model.bn_mode=train", "train.steps=2", "train.batch_size=2", "train.checkpoint_every=2",
@@ -54,15 +56,40 @@ def test_the_whole_recipe_runs_and_the_ensemble_averages_its_members(tmp_path):
         params, collections = evaluate.restore_seg(cfg, os.path.join(workdir, m))
         predicts.append(methods.build(cfg).predict)
         variables.append({"params": params, **collections})
-    total = None
+    total, preds = None, []
     for batch in inputs.eval_batches(members[0], parallel.make_mesh(), "minicity", "real_val"):
         probs = evaluate.mean_softmax(predicts, variables, batch["image"],
                                       batch["label"].shape[1:3])
+        pred = jax.numpy.argmax(probs, -1)
+        preds += [p for p, keep in zip(np.asarray(pred), np.asarray(batch["mask"])) if keep]
         total = metrics.accumulate_confusion(total, metrics.confusion_matrix(
-            jax.numpy.argmax(probs, -1), batch["label"], 19, mask=batch["mask"]))
+            pred, batch["label"], 19, mask=batch["mask"]))
     want = metrics.scores_from_confusion(total).miou_19
     assert mbt["miou_19"] == pytest.approx(want, abs=1e-9)
     assert summaries["mbt"][split] == pytest.approx(want, abs=1e-9)
+
+    # --mode=eval --stage=mbt scores the ensemble again, as the stage did...
+    scores = recipe.run(config, workdir, "eval", stage="mbt")
+    assert scores[split].miou_19 == pytest.approx(want, abs=1e-9)
+    # ...and with other eval settings writes beside the stage's results, never over them.
+    other = tiny(str(tmp_path / "tfds"), "data.eval_size=(16,32)")
+    recipe.run(other, workdir, "eval", stage="mbt")
+    assert os.path.exists(evaluate.results_stem(os.path.join(workdir, "mbt"), split, 2)
+                          + ".eval_size-16x32.json")
+    with open(evaluate.results_stem(os.path.join(workdir, "mbt"), split, 2) + ".json") as f:
+        assert json.load(f)["miou_19"] == mbt["miou_19"]
+    # predict --stage=mbt exports the ensemble's predictions, example by example.
+    out = str(tmp_path / "mbt_pred")
+    written = predict.run(config, workdir, None, None, out, stage="mbt")
+    names = predict.example_names("minicity", "real_val", data_dir=config.data.data_dir,
+                                  minicity_options=inputs.minicity_options(config.data))
+    assert [os.path.basename(p) for p in written] == [n + predict.SUFFIX for n in names]
+    for path, pred in zip(written, preds):
+        np.testing.assert_array_equal(np.asarray(Image.open(path)), predict.to_label_ids(pred))
+    with pytest.raises(recipe.StageError, match="--step=2: ensemble stage 'mbt'"):
+        recipe.run(config, workdir, "eval", step=2, stage="mbt")
+    with pytest.raises(recipe.StageError, match="'pseudo' .sweep stage. has no segmenter"):
+        predict.run(config, workdir, None, None, out, stage="pseudo")
     # The pseudo-labels came from the ensemble of both members.
     with open(os.path.join(workdir, "pseudo", "report.json")) as f:
         assert json.load(f)["examples"] == 8
