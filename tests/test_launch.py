@@ -27,6 +27,7 @@ import pytest
 
 from configs import source_only
 from synseg_jax import checkpoint, evaluate, inputs, parallel, recipe, train
+from tests import test_parallel
 from tests.tiny import TINY_DATA_AND_MODEL
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -94,13 +95,8 @@ def launch(data_dir, workdir, logdir, *extra, timeout=600, **popen):
 
 
 def finish(proc, timeout=600) -> str:
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, _ = proc.communicate()
-        pytest.fail(f"launcher timed out:\n{out[-5000:]}")
-    return out
+    """The launcher's output once it ends; its exit code is the test's to check."""
+    return test_parallel.finish(proc, timeout, check=False)
 
 
 def labelled_pixels(config, split: str) -> int:

@@ -25,14 +25,16 @@ def start_python(code: str, devices: int, *args: str) -> subprocess.Popen:
                             stderr=subprocess.STDOUT, text=True)
 
 
-def finish(proc: subprocess.Popen, timeout=120) -> str:
+def finish(proc: subprocess.Popen, timeout=120, check: bool = True) -> str:
+    """The process's output once it ends (a failure past `timeout`); `check`: it must succeed."""
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         proc.kill()
         out, _ = proc.communicate()
-        pytest.fail(f"subprocess timed out:\n{out}")
-    assert proc.returncode == 0, out
+        pytest.fail(f"subprocess timed out:\n{out[-5000:]}")
+    if check:
+        assert proc.returncode == 0, out
     return out
 
 
