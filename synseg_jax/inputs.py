@@ -21,12 +21,15 @@ def minicity_options(data: ml_collections.ConfigDict) -> MinicityOptions:
 
 
 def open_split(data: ml_collections.ConfigDict, name: str, split: str,
-               with_names: bool = False, decode: bool = True) -> datasets.SplitData:
+               with_names: bool = False, decode: bool = True,
+               whole_split: bool = False) -> datasets.SplitData:
+    """This process's share of the split (`whole_split`: all of it, whatever the process)."""
     # Restrict TF to the CPU: it must never take accelerator memory from JAX.
     tf.config.set_visible_devices([], "GPU")
+    share = (0, 1) if whole_split else (jax.process_index(), jax.process_count())
     return datasets.open_split(
-        name, split, data_dir=data.data_dir or None, process_index=jax.process_index(),
-        process_count=jax.process_count(), minicity_options=minicity_options(data),
+        name, split, data_dir=data.data_dir or None, process_index=share[0],
+        process_count=share[1], minicity_options=minicity_options(data),
         with_names=with_names, decode=decode)
 
 

@@ -14,7 +14,13 @@ streams it into the dataset writer.
 
 Each image is predicted at ``data.target_resize`` (the size training sees; bilinear, no
 antialiasing), and the averaged softmax is upsampled back to the image's own size, where the
-labels are made and stored. The sweep runs in one process.
+labels are made and stored.
+
+With several processes, each sweeps its own share of the split and writes one file per example
+(`<folder>/labels/` or `<folder>/images/`, on a filesystem every process sees); the split-wide
+numbers (the confidence histogram, the report's counts) are summed over the processes, and
+process 0 alone builds the dataset from the files once every process is done, so every example
+is written exactly once.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from collections.abc import Callable, Iterator, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 from PIL import Image
 
@@ -55,8 +62,22 @@ def make_probabilities(models: Sequence[Model], input_size: tuple[int, int] | No
     return probabilities
 
 
-def _examples(data, dataset: str, split: str) -> Iterator[dict]:
-    opened = inputs.open_split(data, dataset, split, with_names=True)
+def _sum_over_processes(x) -> np.ndarray:
+    """`x` summed over every process (each passes its own; all get the total)."""
+    x = np.asarray(x)
+    if jax.process_count() == 1:
+        return x
+    return np.asarray(multihost_utils.process_allgather(x)).sum(axis=0)
+
+
+def _wait_for_every_process(what: str) -> None:
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(what)
+
+
+def _examples(data, dataset: str, split: str, whole_split: bool = False) -> Iterator[dict]:
+    """This process's share of the split's examples (`whole_split`: every example)."""
+    opened = inputs.open_split(data, dataset, split, with_names=True, whole_split=whole_split)
     if opened.task != "segmentation":
         raise ValueError(f"{opened.description} is not a segmentation split")
     for example in opened.dataset.as_numpy_iterator():
@@ -73,8 +94,6 @@ def pseudo_label(config, models: Sequence[Model], dataset: str, split: str, fold
     returns (and writes to ``<folder>/report.json``) the thresholds and, where the split has
     labels, per-class precision and coverage of the pseudo-labels (a report only: nothing
     downstream reads those labels)."""
-    if jax.process_count() != 1:
-        raise NotImplementedError("pseudo-label sweeps run in a single process for now")
     report_path = os.path.join(folder, "report.json")
     if os.path.isdir(os.path.join(folder, derived.Derived.name)):
         if os.path.exists(report_path):  # finished before a kill: keep it, sweep nothing again
@@ -93,34 +112,37 @@ def pseudo_label(config, models: Sequence[Model], dataset: str, split: str, fold
         histogram = pseudo_labels.empty_histogram(num_classes, num_bins)
         for example in _examples(data, dataset, split):
             histogram = pseudo_labels.update(histogram, probabilities(example["image"]))
-    thresholds = rule.thresholds(None if histogram is None else np.asarray(histogram),
-                                 num_classes)
-    counts = None
-    written = 0
+        histogram = _sum_over_processes(histogram)
+    thresholds = rule.thresholds(histogram, num_classes)
 
-    def labelled():
-        nonlocal counts, written
-        for example in _examples(data, dataset, split):
-            pseudo = np.asarray(pseudo_labels.select(probabilities(example["image"]),
-                                                     thresholds))
-            if example["gt"] is not None:
-                if counts is None:  # the first labelled example
-                    logging.warning(
-                        "%s/%s has labels of its own: they are read only for the precision and "
-                        "coverage report; the pseudo-labels go to a new dataset in %s, and %s/%s "
-                        "is not changed", dataset, split, folder, dataset, split)
-                batch = pseudo_labels.precision_coverage(pseudo, example["gt"], num_classes)
-                counts = batch if counts is None else pseudo_labels.add_counts(counts, batch)
-            written += 1
-            yield example["name"], {"image": example["image"], "label": pseudo[..., None],
-                                    "name": example["name"]}
+    # This process's share: one pseudo-label PNG per example, and the report's counts.
+    label_dir = os.path.join(folder, PSEUDO_LABELS)
+    os.makedirs(label_dir, exist_ok=True)
+    counts = pseudo_labels.PseudoLabelCounts(*(np.zeros(num_classes, np.int64),) * 4)
+    written = labelled_examples = 0
+    for example in _examples(data, dataset, split):
+        pseudo = np.asarray(pseudo_labels.select(probabilities(example["image"]), thresholds),
+                            np.uint8)
+        if example["gt"] is not None:
+            if not labelled_examples:
+                logging.warning(
+                    "%s/%s has labels of its own: they are read only for the precision and "
+                    "coverage report; the pseudo-labels go to a new dataset in %s, and %s/%s is "
+                    "not changed", dataset, split, folder, dataset, split)
+            labelled_examples += 1
+            counts = pseudo_labels.add_counts(counts, jax.device_get(
+                pseudo_labels.precision_coverage(pseudo, example["gt"], num_classes)))
+        _write_png_atomically(os.path.join(label_dir, _file_name(example["name"])), pseudo)
+        written += 1
+    written, labelled_examples = (int(n) for n in _sum_over_processes([written,
+                                                                       labelled_examples]))
+    counts = pseudo_labels.PseudoLabelCounts(*(_sum_over_processes(c) for c in counts))
+    _wait_for_every_process(f"pseudo-labels written to {label_dir}")
 
-    builder = derived.Derived(data_dir=folder, examples=labelled)
-    builder.download_and_prepare()
     report = {"dataset": dataset, "split": split, "examples": written, "rule": rule.kind,
               "percentile": rule.percentile, "cap": rule.cap, "threshold": rule.threshold,
               "thresholds": [float(t) for t in thresholds]}
-    if counts is not None:
+    if labelled_examples:
         precision, coverage = pseudo_labels.precision_coverage_ratios(counts)
         report["per_class"] = {
             name: {"precision": _finite(p), "coverage": _finite(c)}
@@ -129,13 +151,25 @@ def pseudo_label(config, models: Sequence[Model], dataset: str, split: str, fold
         report["precision"] = _finite(np.sum(counts.correct) / max(selected, 1))
         report["coverage"] = _finite(np.sum(counts.selected_with_gt)
                                      / max(int(np.sum(counts.gt_total)), 1))
-    with open(report_path, "w") as f:
-        json.dump(report, f, indent=2)
+
+    def labelled():  # every example, with the label file its process wrote
+        for example in _examples(data, dataset, split, whole_split=True):
+            with Image.open(os.path.join(label_dir, _file_name(example["name"]))) as img:
+                pseudo = np.asarray(img)
+            yield example["name"], {"image": example["image"], "label": pseudo[..., None],
+                                    "name": example["name"]}
+
+    if jax.process_index() == 0:
+        derived.Derived(data_dir=folder, examples=labelled).download_and_prepare()
+        with open(report_path, "w") as f:
+            json.dump(report, f, indent=2)
+    _wait_for_every_process(f"pseudo-labelled dataset built in {folder}")
     logging.info("Pseudo-labelled %d images of %s/%s into %s", written, dataset, split, folder)
     return report
 
 
 TRANSLATED_IMAGES = "images"  # <folder>/images/<name>.png: one file per translated example
+PSEUDO_LABELS = "labels"  # <folder>/labels/<name>.png: one pseudo-label map per example
 
 
 def _file_name(name: str) -> str:
@@ -162,8 +196,6 @@ def translate_split(config, translate: Callable, dataset: str, split: str, folde
     translates only the images missing there; the dataset is built from those files and is
     readable only once ``report.json`` exists.
     """
-    if jax.process_count() != 1:
-        raise NotImplementedError("translation sweeps run in a single process for now")
     report_path = os.path.join(folder, "report.json")
     if os.path.exists(report_path):
         logging.info("Translations already written to %s; reusing them", folder)
@@ -209,9 +241,11 @@ def translate_split(config, translate: Callable, dataset: str, split: str, folde
     flush()
     logging.info("Translated %d images of %s/%s (%d kept from an earlier run)", translated,
                  dataset, split, reused)
+    translated, reused = (int(n) for n in _sum_over_processes([translated, reused]))
+    _wait_for_every_process(f"translations written to {image_dir}")
 
-    def written():
-        for example in _examples(data, dataset, split):
+    def written():  # every example, from the file its process wrote
+        for example in _examples(data, dataset, split, whole_split=True):
             _, label = resized(example)
             with Image.open(os.path.join(image_dir, _file_name(example["name"]))) as img:
                 rgb = np.asarray(img.convert("RGB"))
@@ -222,17 +256,19 @@ def translate_split(config, translate: Callable, dataset: str, split: str, folde
             yield example["name"], {"image": rgb, "label": label[..., None],
                                     "name": example["name"]}
 
-    if os.path.isdir(os.path.join(folder, derived.Derived.name)):
-        # Built but killed before the report: TFDS renames a finished dataset into place, so
-        # whatever is there is either whole or TFDS's own temporary folder, which it replaces.
-        logging.info("Reusing the translated dataset already built in %s", folder)
-    builder = derived.Derived(data_dir=folder, examples=written)
-    builder.download_and_prepare()
     report = {"dataset": dataset, "split": split, "size": list(size) if size else None,
               "examples": translated + reused, "translated_now": translated,
               "kept_from_earlier_run": reused}
-    with open(report_path, "w") as f:
-        json.dump(report, f, indent=2)
+    if jax.process_index() == 0:
+        if os.path.isdir(os.path.join(folder, derived.Derived.name)):
+            # Built but killed before the report: TFDS renames a finished dataset into place,
+            # so whatever is there is either whole or TFDS's own temporary folder, which it
+            # replaces.
+            logging.info("Reusing the translated dataset already built in %s", folder)
+        derived.Derived(data_dir=folder, examples=written).download_and_prepare()
+        with open(report_path, "w") as f:
+            json.dump(report, f, indent=2)
+    _wait_for_every_process(f"translated dataset built in {folder}")
     return report
 
 
