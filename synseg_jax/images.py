@@ -73,6 +73,26 @@ def unit_to_uint8(y, xp=jnp):
     return xp.clip(xp.rint((y + 1.0) * 127.5), 0, 255).astype(xp.uint8)
 
 
+# How every layer draws a trainId map: Cityscapes' colours, indexed by trainId
+# (cityscapesScripts' labels.py); ignore (255) and any other id outside 0..18 are black.
+TRAIN_ID_PALETTE = np.array([
+    (128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 153, 153),
+    (153, 153, 153), (250, 170, 30), (220, 220, 0), (107, 142, 35), (152, 251, 152),
+    (70, 130, 180), (220, 20, 60), (255, 0, 0), (0, 0, 142), (0, 0, 70),
+    (0, 60, 100), (0, 80, 100), (0, 0, 230), (119, 11, 32),
+], dtype=np.uint8)
+IGNORE_COLOUR = (0, 0, 0)
+_COLOUR_TABLE = np.full((256, 3), IGNORE_COLOUR, np.uint8)  # every 8-bit id has a colour
+_COLOUR_TABLE[:len(TRAIN_ID_PALETTE)] = TRAIN_ID_PALETTE
+
+
+def colorize(train_ids, xp=np):
+    """trainId map (..., H, W) -> RGB uint8 (..., H, W, 3) in `TRAIN_ID_PALETTE`. ``xp`` is numpy
+    or jax.numpy (image summaries are drawn under jit)."""
+    ids = xp.clip(xp.asarray(train_ids).astype(xp.int32), 0, len(_COLOUR_TABLE) - 1)
+    return xp.asarray(_COLOUR_TABLE)[ids]
+
+
 def gray_to_uint8(x):
     """A map in [0, 1], [N, H, W] or [N, H, W, 1] (edge maps, a discriminator's sigmoid) ->
     displayable uint8 RGB [N, H, W, 3], rounded. jax.numpy (jittable)."""

@@ -38,7 +38,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from synseg_jax import evaluate, inputs, methods, paths, recipe
+from synseg_jax import evaluate, images, inputs, methods, paths, recipe
 from synseg_jax.data import datasets, labels, pipeline
 
 SUFFIX = "_pred_labelIds.png"
@@ -69,7 +69,7 @@ def write_prediction(out_dir: str, name: str, train_ids: np.ndarray,
     Image.fromarray(to_label_ids(train_ids)).save(path)
     if colour_dir:
         os.makedirs(colour_dir, exist_ok=True)
-        Image.fromarray(labels.colorize(train_ids)).save(
+        Image.fromarray(images.colorize(train_ids)).save(
             os.path.join(colour_dir, name + COLOUR_SUFFIX))
     return path
 
@@ -174,7 +174,7 @@ def image_files(folder: str) -> tuple[list[str], list[str]]:
 
 def overlay(rgb: np.ndarray, train_ids: np.ndarray) -> np.ndarray:
     """The photo under its colourised prediction (ignored pixels stay the photo)."""
-    colour = labels.colorize(train_ids).astype(np.float32)
+    colour = images.colorize(train_ids).astype(np.float32)
     mixed = (1 - OVERLAY_ALPHA) * rgb.astype(np.float32) + OVERLAY_ALPHA * colour
     keep = (train_ids >= labels.NUM_CLASSES)[..., None]
     return np.where(keep, rgb, np.rint(mixed)).astype(np.uint8)

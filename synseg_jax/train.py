@@ -26,7 +26,6 @@ from clu import metric_writers
 from jax.experimental import multihost_utils
 
 from synseg_jax import checkpoint, evaluate, fda, images, inputs, methods, metrics, parallel
-from synseg_jax.data import labels
 from synseg_jax.methods import base
 from synseg_jax.state import TrainState
 
@@ -423,8 +422,8 @@ def segmentation_summaries(predict, role: str, normalization: str,
         if label is not None and label.ndim == 3 and role in state.roles:
             logits = predict(state.roles[role].variables, shown)
             pred = jnp.argmax(images.resize_bilinear(logits, shown.shape[1:3]), axis=-1)
-            out["train/source_label"] = labels.colorize(label[:max_images], xp=jnp)
-            out["train/source_prediction"] = labels.colorize(pred, xp=jnp)
+            out["train/source_label"] = images.colorize(label[:max_images], xp=jnp)
+            out["train/source_prediction"] = images.colorize(pred, xp=jnp)
         return out
 
     return summaries

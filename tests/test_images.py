@@ -101,3 +101,22 @@ def test_methods_and_losses_import_no_tensorflow():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
+
+
+def test_methods_and_models_never_import_the_data_layer():
+    """Layers only import downwards: what a method or a network needs of the data's
+    conventions (label colours, normalisation) lives in the neutral `images`."""
+    import ast  # noqa: PLC0415
+    import pathlib  # noqa: PLC0415
+
+    package = pathlib.Path(images.__file__).parent
+    offenders = []
+    for path in sorted([*package.glob("methods/*.py"), *package.glob("models/*.py")]):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            if isinstance(node, ast.ImportFrom) and node.module == "synseg_jax":
+                names = [f"synseg_jax.{a.name}" for a in node.names]
+            offenders += [f"{path.relative_to(package)}: {n}" for n in names
+                          if n == "synseg_jax.data" or n.startswith("synseg_jax.data.")]
+    assert not offenders, offenders

@@ -6,6 +6,7 @@ import re
 import numpy as np
 import pytest
 
+from synseg_jax import images
 from synseg_jax.data import labels
 
 REFERENCE = pathlib.Path(__file__).resolve().parents[1] / "docs" / "reference.md"
@@ -76,7 +77,7 @@ def test_train_to_label_id_inverts_the_map():
 def test_palette_and_colorize():
     assert labels.PALETTE.shape == (19, 3)
     assert len({tuple(c) for c in labels.PALETTE}) == 19
-    rgb = labels.colorize(np.array([[0, 10, 255]]))
+    rgb = images.colorize(np.array([[0, 10, 255]]))
     np.testing.assert_array_equal(rgb[0, 0], (128, 64, 128))  # road
     np.testing.assert_array_equal(rgb[0, 1], (70, 130, 180))  # sky
     np.testing.assert_array_equal(rgb[0, 2], labels.IGNORE_COLOUR)

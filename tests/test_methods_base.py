@@ -132,7 +132,7 @@ def test_forward_lets_spectral_norm_state_update_in_training():
 
 def test_default_summaries_are_jittable_uint8_pictures():
     from configs import source_only as so  # noqa: PLC0415
-    from synseg_jax.data import labels  # noqa: PLC0415
+    from synseg_jax import images  # noqa: PLC0415
     from synseg_jax.methods.source_only import SourceOnly  # noqa: PLC0415
 
     config = so.get_config("demo,model.width=0.125,model.stage_sizes=(1,1,1,1),"
@@ -150,4 +150,4 @@ def test_default_summaries_are_jittable_uint8_pictures():
     for value in pictures.values():
         assert value.dtype == jnp.uint8 and value.shape == (base.SUMMARY_IMAGES, 16, 16, 3)
     np.testing.assert_array_equal(pictures["train/source_label"],
-                                  labels.colorize(label[:base.SUMMARY_IMAGES]))
+                                  images.colorize(label[:base.SUMMARY_IMAGES]))

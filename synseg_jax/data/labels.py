@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from synseg_jax import images
+
 IGNORE_LABEL = 255
 UNKNOWN = -1
 NUM_CLASSES = 19
@@ -21,14 +23,10 @@ CLASS_NAMES: tuple[str, ...] = (
     "motorcycle", "bicycle",
 )
 
-# Cityscapes colours, indexed by trainId (cityscapesScripts' labels.py).
-PALETTE = np.array([
-    (128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 153, 153),
-    (153, 153, 153), (250, 170, 30), (220, 220, 0), (107, 142, 35), (152, 251, 152),
-    (70, 130, 180), (220, 20, 60), (255, 0, 0), (0, 0, 142), (0, 0, 70),
-    (0, 60, 100), (0, 80, 100), (0, 0, 230), (119, 11, 32),
-], dtype=np.uint8)
-IGNORE_COLOUR = (0, 0, 0)
+# Cityscapes colours, indexed by trainId: defined with the other drawing conventions in
+# `images` (methods draw label maps too, and must not import the data layer).
+PALETTE = images.TRAIN_ID_PALETTE
+IGNORE_COLOUR = images.IGNORE_COLOUR
 
 # SYNTHIA protocols (docs/reference.md): terrain, truck and train never occur in SYNTHIA.
 CLASSES_16: tuple[int, ...] = (0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 11, 12, 13, 15, 17, 18)
@@ -104,13 +102,3 @@ def map_to_train_ids(raw: np.ndarray, table: np.ndarray) -> tuple[np.ndarray, in
     unknown = int(np.count_nonzero(mapped == UNKNOWN))
     mapped = np.where(mapped == UNKNOWN, IGNORE_LABEL, mapped)
     return mapped.astype(np.uint8), unknown
-
-
-def colorize(train_ids, xp=np):
-    """trainId map (..., H, W) -> RGB uint8 (..., H, W, 3); ignore and out-of-range pixels are
-    black. ``xp`` is numpy or jax.numpy (image summaries are drawn under jit)."""
-    lut = np.zeros((TABLE_SIZE, 3), dtype=np.uint8)
-    lut[:] = IGNORE_COLOUR
-    lut[:NUM_CLASSES] = PALETTE
-    ids = xp.clip(xp.asarray(train_ids).astype(xp.int32), 0, TABLE_SIZE - 1)
-    return xp.asarray(lut)[ids]

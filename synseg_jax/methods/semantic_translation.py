@@ -50,7 +50,6 @@ import jax.numpy as jnp
 import ml_collections
 
 from synseg_jax import images
-from synseg_jax.data import labels
 from synseg_jax.methods import base
 from synseg_jax.models.translator import (ImageDiscriminators, Translator, conditioning_channels,
                                           lsgan_discriminator_loss, lsgan_generator_loss)
@@ -253,7 +252,7 @@ class SemanticTranslation:
                 ("source_to_target", source, sem_s, out["rec_s"], out["s2t"], out["cyc_s"]),
                 ("target_to_source", target, sem_t, out["rec_t"], out["t2s"], out["cyc_t"])):
             size = x.shape[1:3]
-            semantic = labels.colorize(
+            semantic = images.colorize(
                 jnp.argmax(images.resize_bilinear(sem, size, self.seg.align_corners), -1), xp=jnp)
             row = [images.to_uint8(x, self.normalization, xp=jnp), semantic,
                    images.unit_to_uint8(rec), images.unit_to_uint8(fake), images.unit_to_uint8(cyc)]

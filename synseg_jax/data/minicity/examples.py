@@ -8,6 +8,7 @@ import argparse
 import numpy as np
 from PIL import Image
 
+from synseg_jax import images
 from synseg_jax.data import labels
 from synseg_jax.data.minicity.gap import FULL, Gap
 from synseg_jax.data.minicity.geometry import Layout
@@ -194,7 +195,7 @@ def preview(rows: int = 4, seed: int = 0, scene_size=DEFAULT_SCENE_SIZE) -> np.n
         lines.append(np.concatenate([
             render_from_index(layout, index, "sim", rng, FULL_VIEW),
             render_from_index(layout, index, "real", rng, FULL_VIEW),
-            labels.colorize(labels_from_index(layout, index))], axis=1))
+            images.colorize(labels_from_index(layout, index))], axis=1))
     per_row = 3 * w // (h // 2)
     for r in range(2):
         crops = [render_example("objects", r * per_row + i, seed=seed, object_size=h // 2)["image"]
