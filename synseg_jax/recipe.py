@@ -10,10 +10,10 @@ when the command is run again, so a killed recipe resumes in the stage it was in
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Callable
 import json
 import logging
 import os
+from collections.abc import Callable
 
 import jax
 import ml_collections
@@ -237,8 +237,10 @@ def score_ensemble(config, workdir: str, name: str, variant: str = ""
     models, member_config = _members(config, workdir, name)
     mesh = parallel.make_mesh()
     variables = jax.device_put(tuple(v for _, v in models), parallel.replicated(mesh))
+    # Replicated confusion matrices, as evaluate_checkpoint's: every process reads the sum.
     eval_step = jax.jit(evaluate.make_ensemble_eval_step(
-        [p for p, _ in models], member_config.model.num_classes, member_config.model.align_corners))
+        [p for p, _ in models], member_config.model.num_classes, member_config.model.align_corners),
+        out_shardings=parallel.replicated(mesh))
     stage_dir = os.path.join(workdir, name)
     results = {}
     for dataset, split in inputs.eval_targets(member_config):
@@ -276,7 +278,7 @@ def scoring_stage(config, name: str | None) -> str:
     kind = config.stages[name].kind
     if kind == "ensemble":
         return name
-    if kind != "train" or base.eval_role_of(methods.METHODS.get(stage_method(config, name))) is None:
+    if not _trains_a_segmenter(config, name):
         raise StageError(f"--stage={name!r} ({kind} stage) has no segmenter to score or predict "
                          "with: name a train stage with a segmenter or an ensemble stage")
     return name
@@ -379,11 +381,16 @@ def run_stages(config: ml_collections.ConfigDict, workdir: str,
 
 def last_train_stage(config: ml_collections.ConfigDict) -> str:
     """The last train stage with a segmenter to evaluate (a translator stage has none)."""
-    names = [n for n in stage_names(config) if config.stages[n].kind == "train"
-             and base.eval_role_of(methods.METHODS.get(stage_method(config, n))) is not None]
+    names = [n for n in stage_names(config) if _trains_a_segmenter(config, n)]
     if not names:
         raise ValueError("The config's stages have no train stage to evaluate")
     return names[-1]
+
+
+def _trains_a_segmenter(config: ml_collections.ConfigDict, name: str) -> bool:
+    """Whether stage `name` is a train stage whose method has a segmenter to evaluate."""
+    return (config.stages[name].kind == "train"
+            and base.eval_role_of(methods.METHODS.get(stage_method(config, name))) is not None)
 
 
 def stage_method(config: ml_collections.ConfigDict, name: str) -> str:
