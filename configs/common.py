@@ -147,6 +147,7 @@ def optimizer_section(**fields) -> ml_collections.ConfigDict:
     o.lr = 2.5e-4  # DeepLabV2 / AdaptSegNet segmenter
     o.schedule = "poly"  # "poly": lr (1 - step/schedule_steps)^poly_power; "constant"
     o.poly_power = 0.9  # DeepLab's poly power
+    o.warmup_steps = 0  # linear warmup before the schedule; 0 = none, as in every paper here
     o.schedule_steps = 250_000  # poly horizon (AdaptSegNet: 250k, stopped earlier)
     o.momentum = 0.9  # SGD momentum (DeepLab)
     o.betas = (0.9, 0.99)  # Adam betas of the adaptation papers' discriminators (AdaptSegNet)

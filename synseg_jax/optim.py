@@ -22,6 +22,7 @@ __all__ = [
     "Path",
     "PathPredicate",
     "poly_schedule",
+    "linear_warmup",
     "path_of",
     "param_paths",
     "contains_any",
@@ -53,6 +54,23 @@ def poly_schedule(base_lr: float, max_steps: int, power: float = 0.9) -> optax.S
         return base_lr * (1.0 - frac) ** power
 
     return schedule
+
+
+def linear_warmup(schedule: optax.Schedule, warmup_steps: int) -> optax.Schedule:
+    """``schedule`` scaled by (step + 1) / warmup_steps for the first ``warmup_steps`` steps.
+
+    None of the papers warms up; a demo whose large learning rate overshoots on its first steps
+    (a fresh head at 10x) can. Step 0 already moves (by 1/warmup_steps of the lr)."""
+    if warmup_steps < 0:
+        raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+    if warmup_steps == 0:
+        return schedule
+
+    def warmed(step):
+        ramp = jnp.minimum(1.0, (jnp.asarray(step, jnp.float32) + 1.0) / warmup_steps)
+        return ramp * schedule(step)
+
+    return warmed
 
 
 # --- naming parameters --------------------------------------------------------------------------

@@ -138,11 +138,9 @@ def save_config(config: ml_collections.ConfigDict, workdir: str, resuming: bool 
             f.write(text)
 
 
-def _first_non_finite(host_metrics: dict[str, float]) -> str | None:
-    for name in sorted(host_metrics):
-        if name.startswith("loss/") and not math.isfinite(host_metrics[name]):
-            return name
-    return None
+def _non_finite_terms(host_metrics: dict[str, float]) -> list[str]:
+    return [name for name in sorted(host_metrics)
+            if name.startswith("loss/") and not math.isfinite(host_metrics[name])]
 
 
 def _stop(problem: str, ckpt: checkpoint.Checkpointer) -> NonFiniteLossError:
@@ -156,9 +154,12 @@ def _stop(problem: str, ckpt: checkpoint.Checkpointer) -> NonFiniteLossError:
 
 
 def _check_finite(host_metrics: dict[str, float], step: int, ckpt: checkpoint.Checkpointer) -> None:
-    bad = _first_non_finite(host_metrics)
-    if bad is not None:
-        raise _stop(f"Non-finite loss at step {step}: {bad} = {host_metrics[bad]}", ckpt)
+    # Every bad term, not the first alone: "loss/adv = nan" hides whether the segmenter's own
+    # loss diverged too (then the adversarial term only inherited its nan).
+    bad = _non_finite_terms(host_metrics)
+    if bad:
+        terms = ", ".join(f"{name} = {host_metrics[name]}" for name in bad)
+        raise _stop(f"Non-finite loss at step {step}: {terms}", ckpt)
 
 
 @jax.jit

@@ -151,3 +151,11 @@ def test_default_summaries_are_jittable_uint8_pictures():
         assert value.dtype == jnp.uint8 and value.shape == (base.SUMMARY_IMAGES, 16, 16, 3)
     np.testing.assert_array_equal(pictures["train/source_label"],
                                   images.colorize(label[:base.SUMMARY_IMAGES]))
+
+
+def test_role_optimizer_applies_the_configured_warmup():
+    config = source_only.get_config("demo,optim.seg.lr=1e-2,optim.seg.schedule_steps=100,"
+                                    "optim.seg.warmup_steps=4")
+    lrs = base.role_optimizer(config.optim, "seg").lr_metrics(jnp.asarray(1))
+    assert float(lrs["lr/seg"]) == pytest.approx(0.5 * 1e-2 * (1 - 1 / 100) ** 0.9, rel=1e-5)
+    assert float(lrs["lr/seg_head"]) == pytest.approx(10 * float(lrs["lr/seg"]), rel=1e-5)

@@ -172,3 +172,16 @@ def test_adam_weight_decay_is_l2_added_to_the_gradient():
 def test_unknown_kind_is_an_error():
     with pytest.raises(ValueError, match="sgd"):
         optim.make_optimizer("rmsprop", 0.1)
+
+
+def test_linear_warmup_ramps_then_follows_the_schedule():
+    sched = optim.poly_schedule(1e-2, 100)
+    warmed = optim.linear_warmup(sched, 10)
+    assert float(warmed(0)) == pytest.approx(0.1 * float(sched(0)), rel=1e-6)
+    assert float(warmed(4)) == pytest.approx(0.5 * float(sched(4)), rel=1e-6)
+    assert float(jax.jit(warmed)(jnp.int32(9))) == pytest.approx(float(sched(9)), rel=1e-6)
+    assert float(warmed(50)) == pytest.approx(float(sched(50)), rel=1e-6)
+    assert optim.linear_warmup(sched, 0) is sched
+    with pytest.raises(ValueError, match="warmup_steps"):
+        optim.linear_warmup(sched, -1)
+

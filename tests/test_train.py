@@ -367,3 +367,22 @@ def test_a_config_flag_the_segmenter_does_not_take_is_named(tmp_path):
         "error: model.aspp_rates is set, but segmenter 'bisenet_stdc813' has no such setting (it "
         "would be ignored); unset model.aspp_rates"), proc.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_non_finite_message_names_every_bad_term_and_no_finite_one():
+    class NoCheckpoint:
+        directory = "unused"
+
+        def wait(self):
+            pass
+
+        def latest_step(self):
+            return None
+
+    metrics = {"loss/adv": float("nan"), "loss/seg": float("inf"), "loss/disc": 0.5,
+               "lr/seg": float("nan")}
+    with pytest.raises(train.NonFiniteLossError) as err:
+        train._check_finite(metrics, 22, NoCheckpoint())
+    message = str(err.value)
+    assert "step 22: loss/adv = nan, loss/seg = inf;" in message
+    assert "loss/disc" not in message and "lr/seg" not in message

@@ -144,6 +144,7 @@ def role_optimizer(optim_config: ml_collections.ConfigDict, role: str) -> RoleOp
         schedule = optax.constant_schedule(o.lr)
     else:
         raise ValueError(f"optim.{role}.schedule must be 'poly' or 'constant', got {o.schedule!r}")
+    schedule = optim.linear_warmup(schedule, o.warmup_steps)
     frozen = [optim.under_prefixes([tuple(p.split("/")) for p in o.frozen_prefixes])]
     if o.freeze_bn_affine:
         frozen.append(optim.is_batchnorm)
