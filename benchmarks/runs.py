@@ -118,8 +118,35 @@ def per_class_table(columns: dict[str, list[dict]], split: str = REAL) -> str:
     return "\n".join(lines)
 
 
+def pseudo_table(reports: list[dict]) -> str:
+    """Per-class threshold, precision and coverage of pseudo-labels: the mean over seeds of the
+    `report.json` a pseudo-label sweep writes (one per seed)."""
+    names = list(reports[0]["per_class"])
+    lines = ["| class | threshold | precision % | coverage % |", "|---|---:|---:|---:|"]
+
+    def mean(values, scale=1.0, digits=1):
+        values = [v for v in values if v is not None]
+        return f"{scale * statistics.mean(values):.{digits}f}" if values else "-"
+
+    for i, name in enumerate(names):
+        per_class = [r["per_class"][name] for r in reports]
+        lines.append(f"| {name} | {mean([r['thresholds'][i] for r in reports], 1, 3)} "
+                     f"| {mean([p['precision'] for p in per_class], 100)} "
+                     f"| {mean([p['coverage'] for p in per_class], 100)} |")
+    overall = [(r["precision"], r["coverage"]) for r in reports]
+    lines.append(f"| all pixels | | {mean([p for p, _ in overall], 100)} "
+                 f"| {mean([c for _, c in overall], 100)} |")
+    return "\n".join(lines)
+
+
 def provenance() -> str:
-    """Commit, minicity version and machine, for the head of a results file."""
+    """Commit, minicity version and machine, for the head of a results file: the commit when
+    this process started, since a long benchmark keeps running the code it loaded then (HEAD
+    may move on meanwhile); the date is the run's."""
+    return f"{_STARTED_FROM}; {time.strftime('%Y-%m-%d')}"
+
+
+def _code_at_start() -> str:
     from synseg_jax.data import minicity  # noqa: PLC0415
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
@@ -130,4 +157,7 @@ def provenance() -> str:
     except (OSError, subprocess.CalledProcessError):
         commit = "unknown"
     return (f"minicity {minicity.VERSION}; commit {commit}; {platform.machine()}, "
-            f"{os.cpu_count()} CPUs; {time.strftime('%Y-%m-%d')}")
+            f"{os.cpu_count()} CPUs")
+
+
+_STARTED_FROM = _code_at_start()

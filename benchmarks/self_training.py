@@ -17,7 +17,6 @@ import argparse
 import json
 import logging
 import os
-import statistics
 import time
 
 import runs
@@ -49,26 +48,6 @@ def run_seed(seed: int, args) -> dict:
     return record
 
 
-def pseudo_table(records: list[dict]) -> str:
-    """Per-class precision and coverage of the pseudo-labels (mean over seeds)."""
-    names = list(records[0]["pseudo"]["per_class"])
-    lines = ["| class | threshold | precision % | coverage % |", "|---|---:|---:|---:|"]
-
-    def mean(values, scale=1.0, digits=1):
-        values = [v for v in values if v is not None]
-        return f"{scale * statistics.mean(values):.{digits}f}" if values else "-"
-
-    for i, name in enumerate(names):
-        per_class = [r["pseudo"]["per_class"][name] for r in records]
-        lines.append(f"| {name} | {mean([r['pseudo']['thresholds'][i] for r in records], 1, 3)} "
-                     f"| {mean([p['precision'] for p in per_class], 100)} "
-                     f"| {mean([p['coverage'] for p in per_class], 100)} |")
-    overall = [(r["pseudo"]["precision"], r["pseudo"]["coverage"]) for r in records]
-    lines.append(f"| all pixels | | {mean([p for p, _ in overall], 100)} "
-                 f"| {mean([c for _, c in overall], 100)} |")
-    return "\n".join(lines)
-
-
 def report(records: list[dict]) -> str:
     lines = ["| stage | seeds | steps | real_val mIoU-19 (mean ± std) | per seed | held-out sim "
              "mIoU-19 | wall time |", "|---|---|---:|---:|---|---:|---:|"]
@@ -86,7 +65,8 @@ def report(records: list[dict]) -> str:
             + "\n\n- gain of adapt over source, per seed: "
             + " / ".join(f"{g:+.2f}" for g in gains) + f" (mean {runs.mean_std(gains)})\n"
             + "\nPseudo-labels of real_train against its labels (mean over seeds):\n\n"
-            + pseudo_table(records) + "\n\nPer-class IoU (%) on real_val, mean over seeds:\n\n"
+            + runs.pseudo_table([r["pseudo"] for r in records])
+            + "\n\nPer-class IoU (%) on real_val, mean over seeds:\n\n"
             + runs.per_class_table(columns) + "\n")
 
 

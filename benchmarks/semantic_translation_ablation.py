@@ -13,9 +13,10 @@ Rows (each the recipe of `configs/semantic_translation.py:demo` plus switches, r
   in_sce     IN generator, symmetric CE, 1 round      (Table 3)
   in         IN generator, no symmetric CE, 1 round   (Table 3's baseline)
   oracle     source-only training on real_train's labels, the same 600 steps
-The ablation rows reuse the `source` stage of the `full` row of the same seed (a link to it:
-the same config, seed and data, so the same training), so every row of a seed starts from
-one source-only model.
+The ablation rows reuse the `source` and `pseudo1` stages of the `full` row of the same seed
+(links: the same config, seed and data, so the same results), so every row of a seed starts
+from one source-only model and its pseudo-labels. A row resumed after a kill reports no wall
+time (its clock would miss the stages done before).
 
 FID here is the Fréchet distance in the feature space of the demo's pretrained backbone (the
 minicity-objects ResNet that stands in for ImageNet weights; global average of layer4), NOT
@@ -121,6 +122,21 @@ def fid_report(config, workdir: str, rounds: int) -> dict:
     return out
 
 
+# The stages an ablation row shares with the full row of its seed: the source-only segmenter and
+# its pseudo-labels of the target (same config, seed and data, so the same results).
+SHARED_STAGES = ("source", "pseudo1")
+
+
+def link_shared_stages(workdir: str, full_workdir: str, seed: int, args) -> None:
+    for name in SHARED_STAGES:
+        link = os.path.join(workdir, name)
+        if os.path.exists(link):
+            continue
+        if not os.path.exists(os.path.join(full_workdir, name, recipe.DONE)):
+            run_one("full", seed, args)
+        os.symlink(os.path.join(full_workdir, name), link)
+
+
 def stage_seconds(config, workdir: str, start: float) -> dict:
     """Seconds each stage of this run took, from the times their DONE.json were written (a
     stage linked from another row took none here)."""
@@ -140,16 +156,21 @@ def run_one(row: str, seed: int, args) -> dict:
     rounds = ROWS[row][2]
     if not os.path.exists(result_path):
         os.makedirs(workdir, exist_ok=True)
-        shared = os.path.join(args.workdir, f"full_seed{seed}", "source")
-        if row not in ("full", "oracle") and not os.path.exists(os.path.join(workdir, "source")):
-            if not os.path.exists(os.path.join(shared, recipe.DONE)):
-                run_one("full", seed, args)
-            os.symlink(shared, os.path.join(workdir, "source"))
+        if row not in ("full", "oracle"):
+            link_shared_stages(workdir, os.path.join(args.workdir, f"full_seed{seed}"), seed,
+                               args)
         recipe.ensure_pretrained(config, workdir)  # made before any clock starts
         made_by = runs.provenance()
+        # A run resumed after a kill did part of its work before this clock: its wall time
+        # would be too short, so none is reported for it.
+        resumed = [name for name in recipe.stage_names(config)
+                   if name not in SHARED_STAGES
+                   and os.path.exists(os.path.join(workdir, name, recipe.DONE))]
         start = time.time()
         recipe.run(config, workdir)
-        record = {"row": row, "seed": seed, "wall_s": time.time() - start,
+        record = {"row": row, "seed": seed,
+                  "wall_s": None if resumed else time.time() - start,
+                  "resumed_after": resumed,
                   "provenance": made_by, "steps": config.train.steps,
                   "stage_seconds": stage_seconds(config, workdir, start)}
         if rounds:
@@ -182,8 +203,12 @@ def table(records: list[dict]) -> str:
             fids = [r["fid"][f"translate{n}"] for r in rs if n and "fid" in r]
             label = ("source only" if stage == "source" and row != "oracle" else
                      ROWS[row][0] if row == "oracle" else f"{ROWS[row][0]}, round {n}")
-            wall = (f"{statistics.mean(r['wall_s'] for r in rs):.0f} s"
-                    if stage == list(rs[0]["stages"])[-1] else "")
+            walls = [r["wall_s"] for r in rs if r["wall_s"] is not None]
+            wall = ""
+            if stage == list(rs[0]["stages"])[-1]:
+                wall = (f"{statistics.mean(walls):.0f} s" if walls else "resumed") + (
+                    f" ({len(walls)} of {len(rs)} seeds unresumed)" if 0 < len(walls) < len(rs)
+                    else "")
             lines.append(f"| {label} | {stage} | {','.join(str(r['seed']) for r in rs)} | "
                          f"{_cells(real)} | {runs.mean_std(sim) if sim else '-'} | "
                          f"{runs.mean_std(fids) if fids else '-'} | {wall} |")

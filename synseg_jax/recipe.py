@@ -348,6 +348,25 @@ def _run_translate_stage(config, workdir: str, name: str) -> dict:
                                  batch_size=cfg.data.eval_batch_size)
 
 
+def _check_finished_train_stage(config, workdir: str, name: str) -> None:
+    """A finished train stage is skipped only if it was trained with this config: otherwise
+    its weights and scores would silently stand for a config that never ran."""
+    stage_dir = os.path.join(workdir, name)
+    recorded = os.path.join(stage_dir, "config.json")
+    if not tf.io.gfile.exists(recorded):
+        return
+    cfg = ensure_pretrained(stage_config(config, workdir, name), stage_dir)
+    with tf.io.gfile.GFile(recorded) as f:
+        old = json.load(f)
+    blocking = train.blocking_changes(old, json.loads(cfg.to_json_best_effort()), finished=True)
+    if blocking:
+        raise train.ConfigChangedError(
+            f"Stage {name!r} in {stage_dir} was finished with another config, so its results "
+            f"are not this config's. Changed: " + "; ".join(blocking) + ". Delete that folder "
+            "and the later stages' to rerun them, use another --workdir, or pass "
+            "--allow_config_change to keep the finished stages")
+
+
 def run_stages(config: ml_collections.ConfigDict, workdir: str,
                allow_config_change: bool = False) -> dict:
     """Runs every stage not yet done, in order; returns {stage: its summary}."""
@@ -356,6 +375,8 @@ def run_stages(config: ml_collections.ConfigDict, workdir: str,
         stage = config.stages[name]
         done = os.path.join(workdir, name, DONE)
         if tf.io.gfile.exists(done):
+            if stage.kind == "train" and not allow_config_change:
+                _check_finished_train_stage(config, workdir, name)
             print(f"Stage {name!r} is done ({done}); skipping it.", flush=True)
             with tf.io.gfile.GFile(done) as f:
                 summaries[name] = json.load(f)

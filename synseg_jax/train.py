@@ -110,6 +110,13 @@ def config_changes(old: dict, new: dict) -> list[str]:
             for k in sorted(set(a) | set(b)) if a.get(k, "<absent>") != b.get(k, "<absent>")]
 
 
+def blocking_changes(old: dict, new: dict, finished: bool = False) -> list[str]:
+    """The changes (``config_changes``) that alter what a run trains. For a `finished` run a
+    new ``train.steps`` blocks too: its results are those of the old length."""
+    allowed = tuple(k + ":" for k in RESUMABLE_CHANGES if not (finished and k == "train.steps"))
+    return [c for c in config_changes(old, new) if not c.startswith(allowed)]
+
+
 def save_config(config: ml_collections.ConfigDict, workdir: str, resuming: bool = False,
                 allow_config_change: bool = False) -> None:
     """Writes config.json, after the config has been validated (the method and data built).
@@ -122,9 +129,9 @@ def save_config(config: ml_collections.ConfigDict, workdir: str, resuming: bool 
     # tf.io.gfile: a workdir may be a gs:// bucket (a TPU pod's runs).
     if resuming and tf.io.gfile.exists(path):
         with tf.io.gfile.GFile(path) as f:
-            changes = config_changes(json.load(f), json.loads(text))
-        blocking = [c for c in changes if not c.startswith(tuple(k + ":"
-                                                                 for k in RESUMABLE_CHANGES))]
+            old = json.load(f)
+        changes = config_changes(old, json.loads(text))
+        blocking = blocking_changes(old, json.loads(text))
         if blocking and not allow_config_change:
             raise ConfigChangedError(
                 f"{workdir} holds a run trained with another config; resuming it with this one "
@@ -237,6 +244,12 @@ def _train_and_evaluate(config, workdir, allow_config_change, stop: StopSignals)
     if start_step:
         state = ckpt.restore(state)
         logging.info("Resumed from step %d of %s", start_step, ckpt.directory)
+        if jax.process_index() == 0:
+            dropped = drop_events_after(workdir, start_step)
+            if dropped:
+                logging.info("Dropped %d TensorBoard events logged after step %d by the "
+                             "interrupted run; this run logs those steps again", dropped,
+                             start_step)
 
     train_step = jax.jit(with_stop_votes(with_input_transform(method.train_step, config)),
                          donate_argnums=(0,), in_shardings=(repl, data_sharding, data_sharding),
@@ -316,6 +329,27 @@ def _train_and_evaluate(config, workdir, allow_config_change, stop: StopSignals)
     if results and jax.process_index() == 0:
         evaluate.write_summary(workdir)
     return results
+
+
+def drop_events_after(workdir: str, step: int) -> int:
+    """Removes the TensorBoard events of steps after `step` from `workdir`'s event files (a run
+    killed after its last checkpoint had logged them, and its resume logs them again: two curves
+    would overlap). Returns how many events were dropped."""
+    from tensorflow.core.util import event_pb2  # noqa: PLC0415
+
+    dropped = 0
+    for path in tf.io.gfile.glob(os.path.join(workdir, "events.out.tfevents.*")):
+        records = [r.numpy() for r in tf.data.TFRecordDataset(path)]
+        kept = [r for r in records if event_pb2.Event.FromString(r).step <= step]
+        if len(kept) == len(records):
+            continue
+        dropped += len(records) - len(kept)
+        partial = path + ".partial"
+        with tf.io.TFRecordWriter(partial) as writer:
+            for record in kept:
+                writer.write(record)
+        tf.io.gfile.rename(partial, path, overwrite=True)
+    return dropped
 
 
 def _read(pending) -> tuple[dict[str, float], bool]:

@@ -86,6 +86,15 @@ def test_stages_run_in_order_write_a_pseudo_labelled_dataset_and_resume(data_dir
     trained.clear()
     recipe.run(config, workdir)
     assert trained == []
+    # A changed config does not silently reuse stages finished with the old one.
+    changed = tiny(data_dir, "optim.seg.lr=0.5")
+    with pytest.raises(train.ConfigChangedError,
+                       match=r"Stage 'source' .*optim\.seg\.lr: 0\.01 -> 0\.5"):
+        recipe.run(changed, workdir)
+    with pytest.raises(train.ConfigChangedError, match=r"train\.steps: 2 -> 3"):
+        recipe.run(tiny(data_dir, "train.steps=3"), workdir)
+    recipe.run(changed, workdir, allow_config_change=True)
+    assert trained == []
 
 
 def test_stage_links_are_checked(data_dir, tmp_path):

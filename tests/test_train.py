@@ -5,6 +5,7 @@ import glob
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -386,3 +387,30 @@ def test_non_finite_message_names_every_bad_term_and_no_finite_one():
     message = str(err.value)
     assert "step 22: loss/adv = nan, loss/seg = inf;" in message
     assert "loss/disc" not in message and "lr/seg" not in message
+
+
+def _logged_loss_steps(workdir):
+    import tensorflow as tf
+    from tensorflow.core.util import event_pb2
+    steps = []
+    for path in glob.glob(os.path.join(workdir, "events.out.tfevents.*")):
+        for record in tf.data.TFRecordDataset(path):
+            event = event_pb2.Event.FromString(record.numpy())
+            if any(v.tag == "loss/seg" for v in event.summary.value):
+                steps.append(event.step)
+    return sorted(steps)
+
+
+def test_a_resume_after_a_kill_logs_each_step_once(data_dir, tmp_path):
+    """A run killed after logging steps its last checkpoint does not hold: the resume logs those
+    steps again, and TensorBoard shows one curve, not two overlapping ones."""
+    workdir = str(tmp_path / "run")
+    common = ["train.checkpoint_every=2", "train.log_every=1", "train.eval_every=0",
+              "train.image_every=0", "train.steps=4"]
+    train.train_and_evaluate(tiny_config(data_dir, *common), workdir)
+    assert _logged_loss_steps(workdir) == [1, 2, 3, 4]
+    # As if killed after logging step 4, before its checkpoint was written.
+    shutil.rmtree(os.path.join(workdir, "checkpoints", "4"))
+    train.train_and_evaluate(tiny_config(data_dir, *common), workdir)
+    assert len(glob.glob(os.path.join(workdir, "events.out.tfevents.*"))) == 2
+    assert _logged_loss_steps(workdir) == [1, 2, 3, 4]
