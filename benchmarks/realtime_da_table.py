@@ -19,16 +19,13 @@ markdown tables and writes them to <workdir>/realtime_da_table.md.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import statistics
-import time
 
 import runs
 from runs import HELD_OUT, REAL
-from synseg_jax import recipe
 
+CONFIG = "realtime_da.py"
 # The recipe's scored stages, in the paper's order, with the table's words for them.
 STAGES = {
     "source": "source only, no augmentation",
@@ -41,16 +38,9 @@ STAGES = {
 }
 
 
-def seed_config(seed: int, args, extra: str = ""):
-    parts = ["demo", f"seed={seed}", f"data.data_dir={args.data_dir}", args.overrides, extra]
-    if args.pretrain_workdir:
-        parts.append(f"pretrain.workdir={args.pretrain_workdir}")
-    return runs.load_config("realtime_da.py", parts)
-
-
 def oracle_config(seed: int, args):
     """The recipe's source_aug stage alone, trained on real_train's labels."""
-    config = seed_config(seed, args)
+    config = runs.seed_config(CONFIG, seed, args)
     with config.unlocked():
         stage = config.stages.source_aug
         stage.overrides += ",data.source_split=real_train"
@@ -59,33 +49,15 @@ def oracle_config(seed: int, args):
     return config
 
 
-def timed_recipe(config, workdir: str) -> dict:
-    """Runs the recipe in `workdir` unless its result.json exists; returns that record."""
-    result_path = os.path.join(workdir, "result.json")
-    if not os.path.exists(result_path):
-        config = recipe.ensure_pretrained(config, workdir)  # before the clock starts
-        resumed = [name for name in recipe.stage_names(config)
-                   if os.path.exists(os.path.join(workdir, name, recipe.DONE))]
-        made_by = runs.provenance()
-        start = time.time()
-        recipe.run(config, workdir)
-        record = {"wall_s": None if resumed else time.time() - start, "resumed_after": resumed,
-                  "provenance": made_by, "steps": config.train.steps}
-        with open(result_path, "w") as f:
-            json.dump(record, f, indent=2)
-    with open(result_path) as f:
-        return json.load(f)
-
-
 def run_seed(seed: int, args) -> dict:
     workdir = os.path.join(args.workdir, f"seed{seed}")
-    record = timed_recipe(seed_config(seed, args), workdir)
+    record = runs.timed_recipe(runs.seed_config(CONFIG, seed, args), workdir)
     record["seed"] = seed
     record["scores"] = {stage: runs.last_scores(os.path.join(workdir, stage)) for stage in STAGES}
     with open(os.path.join(workdir, "pseudo", "report.json")) as f:
         record["pseudo"] = json.load(f)
     oracle_dir = os.path.join(args.workdir, f"oracle_seed{seed}")
-    oracle = timed_recipe(oracle_config(seed, args), oracle_dir)
+    oracle = runs.timed_recipe(oracle_config(seed, args), oracle_dir)
     record["scores"]["oracle"] = runs.last_scores(os.path.join(oracle_dir, "oracle"))
     record["oracle_wall_s"] = oracle["wall_s"]
     return record
@@ -109,9 +81,8 @@ def report(records: list[dict]) -> str:
         lines.append(f"| {stage} | {words} | {seeds} | {runs.mean_std(real)} | "
                      f"{' / '.join(f'{v:.2f}' for v in real)} | {_mean(sim)} | "
                      f"{'' if stage == 'source_aug' else runs.mean_std(gain)} |")
-    walls = [r["wall_s"] for r in records if r["wall_s"] is not None]
-    wall = (f"{statistics.mean(walls):.0f} s (mean of {len(walls)} seeds: "
-            + " / ".join(f"{w:.0f}" for w in walls) + ")" if walls else "resumed runs only")
+    wall = runs.mean_wall(records) + " (per seed: " + " / ".join(
+        "resumed" if r["wall_s"] is None else f"{r['wall_s']:.0f} s" for r in records) + ")"
     columns = {stage: [{"scores": r["scores"][stage]} for r in records]
                for stage in (*STAGES, "oracle")}
     made_by = sorted({r["provenance"] for r in records})
@@ -126,17 +97,8 @@ def report(records: list[dict]) -> str:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--workdir", required=True)
-    parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--data_dir", default="", help="TFDS data dir (default <workdir>/tfds)")
-    parser.add_argument("--pretrain_workdir", default="", help="a demo pretraining to reuse")
-    parser.add_argument("--overrides", default="", help="extra key=value,... for every run")
-    args = parser.parse_args()
-    args.workdir = os.path.abspath(args.workdir)
-    args.data_dir = os.path.abspath(args.data_dir or os.path.join(args.workdir, "tfds"))
-    args.pretrain_workdir = os.path.abspath(args.pretrain_workdir) if args.pretrain_workdir else ""
-    records = [run_seed(int(s), args) for s in args.seeds.split(",") if s]
+    args = runs.recipe_args(__doc__.split("\n")[0])
+    records = [run_seed(seed, args) for seed in args.seeds]
     text = report(records)
     runs.write_report(args.workdir, "realtime_da_table.md", text)
 

@@ -42,6 +42,63 @@ def run_once(config, workdir: str, record: dict) -> dict:
     return record
 
 
+def recipe_args(description: str) -> argparse.Namespace:
+    """The command line of the whole-recipe benchmarks (one recipe per seed): --workdir,
+    --seeds, --data_dir (default <workdir>/tfds), --pretrain_workdir, --overrides; paths made
+    absolute."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--workdir", required=True)
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--data_dir", default="", help="TFDS data dir (default <workdir>/tfds)")
+    parser.add_argument("--pretrain_workdir", default="", help="a demo pretraining to reuse")
+    parser.add_argument("--overrides", default="", help="extra key=value,... for every run")
+    args = parser.parse_args()
+    args.workdir = os.path.abspath(args.workdir)
+    args.data_dir = os.path.abspath(args.data_dir or os.path.join(args.workdir, "tfds"))
+    args.pretrain_workdir = os.path.abspath(args.pretrain_workdir) if args.pretrain_workdir else ""
+    args.seeds = [int(s) for s in args.seeds.split(",") if s]
+    return args
+
+
+def seed_config(config_file: str, seed: int, args: argparse.Namespace):
+    """The demo of `config_file` for `seed`, with recipe_args' data dir, pretraining and
+    overrides."""
+    parts = ["demo", f"seed={seed}", f"data.data_dir={args.data_dir}", args.overrides]
+    if args.pretrain_workdir:
+        parts.append(f"pretrain.workdir={args.pretrain_workdir}")
+    return load_config(config_file, parts)
+
+
+def timed_recipe(config, workdir: str) -> dict:
+    """Runs the recipe in `workdir` unless its result.json exists; returns that record: wall
+    time (None for a run resumed after a kill: its clock would miss the stages done before),
+    the stages it resumed after, provenance and steps. The demo pretraining is made before the
+    clock starts."""
+    result_path = os.path.join(workdir, "result.json")
+    if not os.path.exists(result_path):
+        config = recipe.ensure_pretrained(config, workdir)
+        resumed = [name for name in recipe.stage_names(config)
+                   if os.path.exists(os.path.join(workdir, name, recipe.DONE))]
+        made_by = provenance()
+        start = time.time()
+        recipe.run(config, workdir)
+        record = {"wall_s": None if resumed else time.time() - start, "resumed_after": resumed,
+                  "provenance": made_by, "steps": config.train.steps}
+        with open(result_path, "w") as f:
+            json.dump(record, f, indent=2)
+    with open(result_path) as f:
+        return json.load(f)
+
+
+def mean_wall(records: list[dict]) -> str:
+    """The mean wall time of the records that have one (resumed runs have none)."""
+    walls = [r["wall_s"] for r in records if r.get("wall_s") is not None]
+    if not walls:
+        return "resumed runs only"
+    note = f" ({len(walls)} of {len(records)} runs unresumed)" if len(walls) < len(records) else ""
+    return f"{statistics.mean(walls):.0f} s{note}"
+
+
 def ablation_args(description: str, rows: dict) -> tuple[argparse.Namespace, list[str], list[int]]:
     """The command line every ablation script shares: --workdir, --rows (checked against
     `rows`), --seeds, --data_dir, --overrides. Returns (args, rows, seeds)."""
@@ -96,7 +153,7 @@ def score_cells(rs: list[dict]) -> str:
     sim = [r["scores"][HELD_OUT]["miou"] for r in rs if HELD_OUT in r["scores"]]
     return (f"{','.join(str(r['seed']) for r in rs)} | {rs[0]['steps']} | {mean_std(real)} | "
             f"{' / '.join(f'{m:.2f}' for m in real)} | {mean_std(sim) if sim else '-'} | "
-            f"{statistics.mean(r['wall_s'] for r in rs):.0f} s")
+            f"{mean_wall(rs)}")
 
 
 def by_row(records: list[dict]) -> dict[str, list[dict]]:

@@ -13,33 +13,18 @@ shared with the other benchmarks when their folders are given, and are not in th
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
-import time
 
 import runs
 from runs import REAL
-from synseg_jax import recipe
 
 
 def run_seed(seed: int, args) -> dict:
     workdir = os.path.join(args.workdir, f"seed{seed}")
-    result_path = os.path.join(workdir, "result.json")
-    parts = ["demo", f"seed={seed}", f"data.data_dir={args.data_dir}"]
-    if args.pretrain_workdir:
-        parts.append(f"pretrain.workdir={args.pretrain_workdir}")
-    config = runs.load_config("self_training.py", parts + [args.overrides])
-    if not os.path.exists(result_path):
-        config = recipe.ensure_pretrained(config, workdir)  # before the clock starts
-        made_by = runs.provenance()
-        start = time.time()
-        recipe.run(config, workdir)
-        with open(result_path, "w") as f:
-            json.dump({"seed": seed, "wall_s": time.time() - start, "provenance": made_by}, f)
-    with open(result_path) as f:
-        record = json.load(f)
+    config = runs.seed_config("self_training.py", seed, args)
+    record = {**runs.timed_recipe(config, workdir), "seed": seed}
     for stage in ("source", "adapt"):
         record[stage] = {**record, "row": stage, "steps": config.train.steps,
                          "scores": runs.last_scores(os.path.join(workdir, stage))}
@@ -71,22 +56,11 @@ def report(records: list[dict]) -> str:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--workdir", required=True)
-    parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--data_dir", default="", help="TFDS data dir (default <workdir>/tfds)")
-    parser.add_argument("--pretrain_workdir", default="", help="a demo pretraining to reuse")
-    parser.add_argument("--overrides", default="", help="extra key=value,... for every seed")
-    args = parser.parse_args()
+    args = runs.recipe_args(__doc__.split("\n")[0])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    args.workdir = os.path.abspath(args.workdir)
-    args.data_dir = os.path.abspath(args.data_dir or os.path.join(args.workdir, "tfds"))
-    args.pretrain_workdir = os.path.abspath(args.pretrain_workdir) if args.pretrain_workdir else ""
-    records = [run_seed(int(s), args) for s in args.seeds.split(",") if s]
+    records = [run_seed(seed, args) for seed in args.seeds]
     text = report(records)
-    with open(os.path.join(args.workdir, "self_training.md"), "w") as f:
-        f.write(text)
-    print(text)
+    runs.write_report(args.workdir, "self_training.md", text)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import time
 
 import jax
@@ -203,12 +202,7 @@ def table(records: list[dict]) -> str:
             fids = [r["fid"][f"translate{n}"] for r in rs if n and "fid" in r]
             label = ("source only" if stage == "source" and row != "oracle" else
                      ROWS[row][0] if row == "oracle" else f"{ROWS[row][0]}, round {n}")
-            walls = [r["wall_s"] for r in rs if r["wall_s"] is not None]
-            wall = ""
-            if stage == list(rs[0]["stages"])[-1]:
-                wall = (f"{statistics.mean(walls):.0f} s" if walls else "resumed") + (
-                    f" ({len(walls)} of {len(rs)} seeds unresumed)" if 0 < len(walls) < len(rs)
-                    else "")
+            wall = runs.mean_wall(rs) if stage == list(rs[0]["stages"])[-1] else ""
             lines.append(f"| {label} | {stage} | {','.join(str(r['seed']) for r in rs)} | "
                          f"{_cells(real)} | {runs.mean_std(sim) if sim else '-'} | "
                          f"{runs.mean_std(fids) if fids else '-'} | {wall} |")

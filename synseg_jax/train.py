@@ -130,8 +130,8 @@ def save_config(config: ml_collections.ConfigDict, workdir: str, resuming: bool 
     if resuming and tf.io.gfile.exists(path):
         with tf.io.gfile.GFile(path) as f:
             old = json.load(f)
-        changes = config_changes(old, json.loads(text))
-        blocking = blocking_changes(old, json.loads(text))
+        new = json.loads(text)
+        changes, blocking = config_changes(old, new), blocking_changes(old, new)
         if blocking and not allow_config_change:
             raise ConfigChangedError(
                 f"{workdir} holds a run trained with another config; resuming it with this one "
