@@ -1,4 +1,10 @@
-"""Checkpoints: round trip, one-role restore, and a clear error when a checkpoint does not fit."""
+"""Checkpoints: round trip, one-role restore, a clear error when a checkpoint does not fit, and
+survival of a kill -9 in the middle of a save."""
+
+import signal
+import subprocess
+import sys
+import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -72,3 +78,40 @@ def test_missing_step_lists_available_ones(tmp_path):
         checkpoint.Checkpointer(str(tmp_path / "ckpt"), read_only=True).restore(_state(), step=9)
     with pytest.raises(FileNotFoundError, match="No checkpoint"):
         checkpoint.Checkpointer(str(tmp_path / "empty")).restore(_state())
+
+
+_KILLED_MID_SAVE = textwrap.dedent("""
+    import os, signal, sys, time
+    import numpy as np
+    from synseg_jax import checkpoint
+    ckpt = checkpoint.Checkpointer(sys.argv[1])
+    tree = lambda value: {f"w{i}": np.full((1 << 20,), value, np.float32) for i in range(4)}
+    ckpt.save(1, tree(1.0))
+    ckpt.wait()
+    ckpt.save(2, tree(2.0))  # asynchronous: its files are still being written
+    time.sleep(float(sys.argv[2]))
+    os.kill(os.getpid(), signal.SIGKILL)
+""")
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.01, 0.05, 0.2])
+def test_a_kill_during_a_save_leaves_a_restorable_latest_checkpoint(tmp_path, delay):
+    """kill -9 at any moment of a save: the latest checkpoint a rerun finds restores whole (the
+    earlier one, or the new one if it was committed), and the rerun can save again."""
+    directory = str(tmp_path / "ckpt")
+    child = subprocess.run([sys.executable, "-c", _KILLED_MID_SAVE, directory, str(delay)],
+                           capture_output=True, text=True, timeout=300)
+    assert child.returncode == -signal.SIGKILL, child.stderr
+    ckpt = checkpoint.Checkpointer(directory)
+    latest = ckpt.latest_step()
+    assert latest in (1, 2)
+    if delay == 0.0:  # killed straight after the save began: step 2 cannot have been committed
+        assert latest == 1
+    target = {f"w{i}": np.zeros((1 << 20,), np.float32) for i in range(4)}
+    restored = ckpt.restore(target)
+    for leaf in restored.values():
+        np.testing.assert_array_equal(leaf, np.float32(latest))
+    ckpt.save(3, target)  # a resumed run goes on saving over the debris
+    ckpt.wait()
+    assert ckpt.latest_step() == 3
+    ckpt.close()
