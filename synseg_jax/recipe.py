@@ -348,6 +348,15 @@ def _run_translate_stage(config, workdir: str, name: str) -> dict:
                                  batch_size=cfg.data.eval_batch_size)
 
 
+def _refuse_finished_with_other_settings(stage_dir: str, name: str, changes: list[str]) -> None:
+    if changes:
+        raise train.ConfigChangedError(
+            f"Stage {name!r} in {stage_dir} was finished with another config, so its results "
+            f"are not this config's. Changed: " + "; ".join(changes) + ". Delete that folder "
+            "and the later stages' to rerun them, use another --workdir, or pass "
+            "--allow_config_change to keep the finished stages")
+
+
 def _check_finished_train_stage(config, workdir: str, name: str) -> None:
     """A finished train stage is skipped only if it was trained with this config: otherwise
     its weights and scores would silently stand for a config that never ran."""
@@ -358,13 +367,33 @@ def _check_finished_train_stage(config, workdir: str, name: str) -> None:
     cfg = ensure_pretrained(stage_config(config, workdir, name), stage_dir)
     with tf.io.gfile.GFile(recorded) as f:
         old = json.load(f)
-    blocking = train.blocking_changes(old, json.loads(cfg.to_json_best_effort()), finished=True)
-    if blocking:
-        raise train.ConfigChangedError(
-            f"Stage {name!r} in {stage_dir} was finished with another config, so its results "
-            f"are not this config's. Changed: " + "; ".join(blocking) + ". Delete that folder "
-            "and the later stages' to rerun them, use another --workdir, or pass "
-            "--allow_config_change to keep the finished stages")
+    _refuse_finished_with_other_settings(
+        stage_dir, name,
+        train.blocking_changes(old, json.loads(cfg.to_json_best_effort()), finished=True))
+
+
+STAGE_RECORD = "stage.json"
+
+
+def _stage_settings(config, name: str) -> dict:
+    """What a sweep, ensemble or translate stage was run with: its own section of the config
+    (members, rule and thresholds, translator, split). Its inputs are train stages, and those
+    are checked through their own config.json."""
+    return {f"stages.{name}": json.loads(config.stages[name].to_json_best_effort())}
+
+
+def _check_finished_other_stage(config, workdir: str, name: str) -> None:
+    """A finished sweep, ensemble or translate stage is skipped only if its settings are the
+    config's (a new threshold must not reuse the old pseudo-labels). Stages finished before
+    their settings were recorded have no record and are not checked."""
+    stage_dir = os.path.join(workdir, name)
+    recorded = os.path.join(stage_dir, STAGE_RECORD)
+    if not tf.io.gfile.exists(recorded):
+        return
+    with tf.io.gfile.GFile(recorded) as f:
+        old = json.load(f)
+    _refuse_finished_with_other_settings(
+        stage_dir, name, train.config_changes(old, _stage_settings(config, name)))
 
 
 def run_stages(config: ml_collections.ConfigDict, workdir: str,
@@ -375,8 +404,10 @@ def run_stages(config: ml_collections.ConfigDict, workdir: str,
         stage = config.stages[name]
         done = os.path.join(workdir, name, DONE)
         if tf.io.gfile.exists(done):
-            if stage.kind == "train" and not allow_config_change:
-                _check_finished_train_stage(config, workdir, name)
+            if not allow_config_change:
+                check = (_check_finished_train_stage if stage.kind == "train"
+                         else _check_finished_other_stage)
+                check(config, workdir, name)
             print(f"Stage {name!r} is done ({done}); skipping it.", flush=True)
             with tf.io.gfile.GFile(done) as f:
                 summaries[name] = json.load(f)
@@ -394,6 +425,9 @@ def run_stages(config: ml_collections.ConfigDict, workdir: str,
             raise ValueError(f"Stage {name!r} has kind {stage.kind!r}; expected 'train', "
                              "'sweep', 'ensemble' or 'translate'")
         if jax.process_index() == 0:
+            if stage.kind != "train":  # a train stage's settings are in its config.json
+                with tf.io.gfile.GFile(os.path.join(workdir, name, STAGE_RECORD), "w") as f:
+                    json.dump(_stage_settings(config, name), f, indent=2, sort_keys=True)
             with tf.io.gfile.GFile(done, "w") as f:
                 json.dump(summary, f, indent=2)
         summaries[name] = summary

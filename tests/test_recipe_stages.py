@@ -95,6 +95,12 @@ def test_stages_run_in_order_write_a_pseudo_labelled_dataset_and_resume(data_dir
         recipe.run(tiny(data_dir, "train.steps=3"), workdir)
     recipe.run(changed, workdir, allow_config_change=True)
     assert trained == []
+    # Nor a sweep finished with another threshold rule: its pseudo-labels are the old rule's.
+    with open(os.path.join(workdir, "pseudo", recipe.STAGE_RECORD)) as f:
+        assert json.load(f)["stages.pseudo"]["percentile"] == config.stages.pseudo.percentile
+    with pytest.raises(train.ConfigChangedError,
+                       match=r"Stage 'pseudo' .*stages\.pseudo\.percentile: 66(\.0)? -> 50"):
+        recipe.run(tiny(data_dir, "stages.pseudo.percentile=50"), workdir)
 
 
 def test_stage_links_are_checked(data_dir, tmp_path):
