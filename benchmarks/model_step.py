@@ -1,10 +1,11 @@
 """Seconds per jitted training step (forward + backward + SGD update) of the full-size segmenters
-at their papers' training sizes, and the step's memory as XLA plans it; optionally a PyTorch
-DeepLabV2-ResNet101 step (our own module) at the same size, side by side.
+at their papers' training sizes, and the step's memory as XLA plans it; optionally PyTorch steps
+of DeepLabV2-ResNet101 and BiSeNet-STDC813 at the same sizes, side by side.
 
     python benchmarks/model_step.py                                   # every model, 3 repeats
     python benchmarks/model_step.py --models=bisenet_stdc813 --repeats=2
     python benchmarks/model_step.py --models=deeplabv2_r101,torch_deeplabv2_r101 --size=321x321
+    python benchmarks/model_step.py --models=bisenet_stdc813,torch_bisenet_stdc813
     python benchmarks/model_step.py --compile-only                    # memory only, no steps
     python benchmarks/model_step.py --models=deeplabv2_r101 --compile-only --remat  # its memory
     python benchmarks/model_step.py --models=bisenet_stdc813 --compute-dtype=bfloat16
@@ -22,6 +23,8 @@ Training sizes (``MODELS``; the papers and their code):
                                                 size; assumed Cityscapes' 1024x512 at batch 1
     bisenet_stdc813         512x1024, batch 8   real-time DA: 1024x512 (Cityscapes size), batch 8
     torch_deeplabv2_r101    = deeplabv2_r101    PyTorch CPU, our own Caffe-style ResNet-101 + ASPP
+    torch_bisenet_stdc813   = bisenet_stdc813   PyTorch CPU, the STDC-Seg-layout BiSeNet that
+                                                tests/test_weight_parity.py checks ours against
 
 The step: logits bilinearly upsampled to the label size, softmax cross-entropy (plus the aux
 outputs: BiSeNet's two at weight 1, as its reference code sums them; plus 1.5 x the boundary
@@ -81,6 +84,8 @@ MODELS = {
                                  "real-time DA 1024x512, batch 8"),
     "torch_deeplabv2_r101": ModelSpec("deeplabv2", {}, (720, 1280), 1,
                                       "as deeplabv2_r101, PyTorch CPU"),
+    "torch_bisenet_stdc813": ModelSpec("bisenet_stdc813", {}, (512, 1024), 8,
+                                       "as bisenet_stdc813, PyTorch CPU"),
 }
 NUM_CLASSES = 19
 MIB = 2 ** 20
@@ -188,8 +193,9 @@ def jax_step(name: str, spec: ModelSpec, size, batch, repeats: int, compile_only
 
 
 # ---------------------------------------------------------------------------------------------
-# PyTorch DeepLabV2-ResNet101 (Caffe layout: stride on the first 1×1, ceil-mode pool, layer3/4
-# dilated 2/4, ASPP rates 6/12/18/24 summed). Run in a child process: its own peak RSS.
+# PyTorch: DeepLabV2-ResNet101 (Caffe layout: stride on the first 1×1, ceil-mode pool, layer3/4
+# dilated 2/4, ASPP rates 6/12/18/24 summed), or BiSeNet-STDC813 (the weight-parity test's
+# module, full width). Run in a child process: its own peak RSS.
 
 
 def peak_rss_kib() -> int:
@@ -205,13 +211,9 @@ def peak_rss_kib() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
 
 
-def torch_worker(h: int, w: int, batch: int, repeats: int) -> dict:
-    import torch
+def torch_deeplabv2_r101():
     from torch import nn
     from torch.nn import functional as F
-
-    torch.set_num_threads(os.cpu_count() or 1)
-    base_rss = peak_rss_kib()
 
     class Block(nn.Module):
         def __init__(self, inplanes, planes, stride, dilation, project):
@@ -254,7 +256,26 @@ def torch_worker(h: int, w: int, batch: int, repeats: int) -> dict:
             x = self.blocks(self.pool(F.relu(self.bn1(self.conv1(x)))))
             return sum(conv(x) for conv in self.aspp)
 
-    model = DeepLabV2(NUM_CLASSES).train()
+    return DeepLabV2(NUM_CLASSES)
+
+
+def torch_bisenet_stdc813():
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from tests.test_weight_parity import BiSeNet
+
+    return BiSeNet(64, NUM_CLASSES, c=128, fused=256, mid=64)  # STDC-Seg's full widths
+
+
+TORCH_MODELS = {"deeplabv2": torch_deeplabv2_r101, "bisenet_stdc813": torch_bisenet_stdc813}
+
+
+def torch_worker(segmenter: str, h: int, w: int, batch: int, repeats: int) -> dict:
+    import torch
+    from torch.nn import functional as F
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    base_rss = peak_rss_kib()
+    model = TORCH_MODELS[segmenter]().train()
     opt = torch.optim.SGD(model.parameters(), lr=2.5e-4, momentum=0.9, weight_decay=5e-4)
     images = torch.randn(batch, 3, h, w)
     labels = torch.randint(0, NUM_CLASSES, (batch, h, w))
@@ -262,15 +283,19 @@ def torch_worker(h: int, w: int, batch: int, repeats: int) -> dict:
     for i in range(repeats + 1):
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        logits = F.interpolate(model(images), (h, w), mode="bilinear", align_corners=False)
-        loss = F.cross_entropy(logits, labels, ignore_index=255)
+        outputs = model(images)  # BiSeNet: main and two aux outputs, summed as in the JAX step
+        loss = sum(F.cross_entropy(F.interpolate(out, (h, w), mode="bilinear",
+                                                 align_corners=False), labels, ignore_index=255)
+                   for out in (outputs if isinstance(outputs, tuple) else (outputs,)))
         loss.backward()
         opt.step()
         if i:
             times.append(time.perf_counter() - t0)
     peak = peak_rss_kib()
     return dict(step_s=statistics.median(times), loss=float(loss),
-                params_m=sum(p.numel() for p in model.parameters()) / 1e6,
+                # parameters the step trains: STDC's ImageNet classifier (conv_last, fc, linear) is
+                # in the module but not in the segmentation forward
+                params_m=sum(p.numel() for p in model.parameters() if p.grad is not None) / 1e6,
                 peak_mib=(peak - base_rss) / 1024, torch=torch.__version__)
 
 
@@ -282,7 +307,8 @@ def torch_step(name: str, spec: ModelSpec, size, batch, repeats: int) -> dict:
     except ImportError:
         return dict(row, note="torch not installed")
     result = subprocess.run(
-        [sys.executable, __file__, "--torch-worker", f"{h},{w},{batch},{repeats}"],
+        [sys.executable, __file__, "--torch-worker",
+         f"{spec.segmenter},{h},{w},{batch},{repeats}"],
         capture_output=True, text=True, check=False)
     if result.returncode != 0:
         return dict(row, note=f"failed: {result.stderr.strip().splitlines()[-1:]}")
@@ -330,8 +356,8 @@ def main() -> None:
     args = parser.parse_args()
 
     if args.torch_worker:
-        h, w, b, r = map(int, args.torch_worker.split(","))
-        print(json.dumps(torch_worker(h, w, b, r)))
+        segmenter, *numbers = args.torch_worker.split(",")
+        print(json.dumps(torch_worker(segmenter, *map(int, numbers))))
         return
 
     import jax
