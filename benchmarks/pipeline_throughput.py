@@ -2,14 +2,19 @@
 
     python benchmarks/pipeline_throughput.py                 # both sources below
     python benchmarks/pipeline_throughput.py --source png --num-images 32
+    python benchmarks/pipeline_throughput.py --source gta5 --threads 1   # one tf.data thread
 
 Sources: ``memory`` (128x256 uint8 arrays held in memory, the demo's size) and ``png``
-(1024x512 image + label PNGs written to a temp dir and read back with decode_png). A new source
+(1024x512 image + label PNGs written to a temp dir and read back with decode_png), ``gta5``
+(GTA5-size 1914x1052 PNG pairs held encoded, decoded after the shuffle as the TFDS splits are,
+then the gta5 preset's resize to 1280x720 and 512x1024 crop), and ``minicity``. A new source
 (minicity, a TFDS split) is one more entry in ``SOURCES``: a function returning the dataset of
 ``{"image", "label"}`` and the train / eval settings that suit its image size.
 
 Timing covers tf.data work and the host-side conversion to numpy (``HostIterator``), not
 device transfer. Prints a markdown table; ``machine`` names the platform and CPU count.
+``--threads N`` gives tf.data a private pool of N threads (default: one per core), which is how
+the images/s one host core delivers is measured.
 """
 
 from __future__ import annotations
@@ -94,10 +99,30 @@ def minicity_source(num_images: int, split: str = "real_train") -> Source:
                   eval_size=(128, 256), table=opened.label_table, decode=opened.decode)
 
 
+def gta5_source(num_images: int, seed: int = 0) -> Source:
+    """GTA5-size frames (1914x1052) as PNG bytes, decoded after the shuffle, then the gta5
+    preset's training (resize to 1280x720, 512x1024 crop, flip) and evaluation size."""
+    rng = np.random.default_rng(seed)
+    encoded = {"image": [], "label": []}
+    for _ in range(num_images):
+        image, label = synthetic_pair(rng, 1052, 1914)
+        encoded["image"].append(tf.io.encode_png(image).numpy())
+        encoded["label"].append(tf.io.encode_png(label[..., None]).numpy())
+
+    def decode(example):
+        return {"image": tf.io.decode_png(example["image"], channels=3),
+                "label": tf.io.decode_png(example["label"], channels=1)[..., 0]}
+
+    train = pipeline.AugmentConfig(resize=(720, 1280), crop=(512, 1024))
+    return Source(tf.data.Dataset.from_tensor_slices(encoded), "GTA5-size PNG 1914x1052",
+                  train, eval_size=(720, 1280), decode=decode)
+
+
 SOURCES: dict[str, Callable[[int, str], Source]] = {
     "memory": lambda n, tmp: memory_source(n),
     "png": lambda n, tmp: png_source(n, tmp),
     "minicity": lambda n, tmp: minicity_source(n),
+    "gta5": lambda n, tmp: gta5_source(n),
 }
 
 
@@ -116,16 +141,22 @@ def images_per_second(batches, batch_size: int, warmup: int, steps: int | None) 
     return count * batch_size / (time.perf_counter() - start)
 
 
-def benchmark(source: Source, batch_size: int, steps: int) -> dict[str, float]:
+def benchmark(source: Source, batch_size: int, steps: int,
+              threads: int | None = None) -> dict[str, float]:
     table = source.table
+    options = tf.data.Options()
+    if threads:  # the whole pipeline's parallel maps share this many threads
+        options.threading.private_threadpool_size = threads
     train = pipeline.train_stream(source.dataset, config=source.train, batch_size=batch_size,
                                   seed=0, table=table, shuffle_buffer=64, decode=source.decode)
+    train = train.with_options(options)
     results = {"train": images_per_second(pipeline.HostIterator(train), batch_size, 2, steps)}
     # The eval stream is finite: time one full pass (a second pass re-reads the source).
     decoded = source.dataset.map(source.decode) if source.decode else source.dataset
     evaluation = pipeline.eval_stream(decoded, batch_size=batch_size, table=table,
                                       image_size=source.eval_size,
                                       normalization=source.train.normalization)
+    evaluation = evaluation.with_options(options)
     results["eval"] = images_per_second(pipeline.HostIterator(evaluation), batch_size, 1, None)
     return results
 
@@ -136,19 +167,23 @@ def main() -> None:
     parser.add_argument("--num-images", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--steps", type=int, default=20, help="timed train batches")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="tf.data threads (private pool); 0 = tf.data's default")
     args = parser.parse_args()
     machine = f"{platform.platform()}, {platform.processor() or platform.machine()}, " \
               f"{os.cpu_count()} CPUs"
     names = list(SOURCES) if args.source == "all" else [args.source]
-    print("| source | train crop | eval image | batch | train images/s | eval images/s | machine |")
-    print("|---|---|---|---|---|---|---|")
+    threads = args.threads or "default"
+    print("| source | train crop | eval image | batch | tf.data threads | train images/s "
+          "| eval images/s | machine |")
+    print("|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
             source = SOURCES[name](args.num_images, tmp)
-            result = benchmark(source, args.batch_size, args.steps)
+            result = benchmark(source, args.batch_size, args.steps, args.threads or None)
             crop = "x".join(map(str, source.train.crop))
             size = "x".join(map(str, source.eval_size))
-            print(f"| {source.description} | {crop} | {size} | {args.batch_size} "
+            print(f"| {source.description} | {crop} | {size} | {args.batch_size} | {threads} "
                   f"| {result['train']:.1f} | {result['eval']:.1f} | {machine} |", flush=True)
 
 
