@@ -13,8 +13,10 @@ real_train's labels in place of the source's, the same steps. Every score is the
 reports none (its clock would miss the stages done before). The demo pretraining and the
 minicity build are shared when their folders are given, and are not in the wall time.
 
-A finished seed leaves `result.json` and is skipped when the command is run again. Prints the
-markdown tables and writes them to <workdir>/realtime_da_table.md.
+A finished seed leaves `result.json` and is skipped when the command is run again. With
+`--archive=benchmarks/results/realtime_da.json` the seeds' records (scores per class included)
+are read from and added to that committed file, so the table can be finished in another session
+and remade from it. Prints the markdown tables and writes them to <workdir>/realtime_da_table.md.
 """
 
 from __future__ import annotations
@@ -98,7 +100,7 @@ def report(records: list[dict]) -> str:
 
 def main():
     args = runs.recipe_args(__doc__.split("\n")[0])
-    records = [run_seed(seed, args) for seed in args.seeds]
+    records = runs.archived_records(args.archive, args.seeds, lambda s: run_seed(s, args))
     text = report(records)
     runs.write_report(args.workdir, "realtime_da_table.md", text)
 

@@ -52,8 +52,12 @@ def recipe_args(description: str) -> argparse.Namespace:
     parser.add_argument("--data_dir", default="", help="TFDS data dir (default <workdir>/tfds)")
     parser.add_argument("--pretrain_workdir", default="", help="a demo pretraining to reuse")
     parser.add_argument("--overrides", default="", help="extra key=value,... for every run")
+    parser.add_argument("--archive", default="",
+                        help="a JSON file of finished seeds' records (e.g. benchmarks/results/"
+                             "<table>.json): seeds found there are not rerun, new ones are added")
     args = parser.parse_args()
     args.workdir = os.path.abspath(args.workdir)
+    args.archive = os.path.abspath(args.archive) if args.archive else ""
     args.data_dir = os.path.abspath(args.data_dir or os.path.join(args.workdir, "tfds"))
     args.pretrain_workdir = os.path.abspath(args.pretrain_workdir) if args.pretrain_workdir else ""
     args.seeds = [int(s) for s in args.seeds.split(",") if s]
@@ -88,6 +92,28 @@ def timed_recipe(config, workdir: str) -> dict:
             json.dump(record, f, indent=2)
     with open(result_path) as f:
         return json.load(f)
+
+
+def archived_records(path: str, seeds: list[int], run_seed) -> list[dict]:
+    """The records of `seeds`, in that order: a seed's record from the archive `path` if it is
+    there, else `run_seed(seed)`'s, which is then added to the archive. The archive (a JSON list,
+    committed beside the table it makes) lets a table be finished across sessions and machines,
+    whose workdirs do not survive; without a path every seed comes from its workdir."""
+    if not path:
+        return [run_seed(seed) for seed in seeds]
+    archive = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            archive = {r["seed"]: r for r in json.load(f)}
+    records = []
+    for seed in seeds:
+        if seed not in archive:
+            archive[seed] = run_seed(seed)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "w") as f:
+                json.dump([archive[k] for k in sorted(archive)], f, indent=1)
+        records.append(archive[seed])
+    return records
 
 
 def mean_wall(records: list[dict]) -> str:

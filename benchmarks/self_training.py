@@ -58,7 +58,7 @@ def report(records: list[dict]) -> str:
 def main():
     args = runs.recipe_args(__doc__.split("\n")[0])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    records = [run_seed(seed, args) for seed in args.seeds]
+    records = runs.archived_records(args.archive, args.seeds, lambda s: run_seed(s, args))
     text = report(records)
     runs.write_report(args.workdir, "self_training.md", text)
 
