@@ -21,6 +21,7 @@ and remade from it. Prints the markdown tables and writes them to <workdir>/real
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 
@@ -100,7 +101,8 @@ def report(records: list[dict]) -> str:
 
 def main():
     args = runs.recipe_args(__doc__.split("\n")[0])
-    records = runs.archived_records(args.archive, args.seeds, lambda s: run_seed(s, args))
+    records = runs.archived_records(
+        args.archive, {f"seed{s}": functools.partial(run_seed, s, args) for s in args.seeds})
     text = report(records)
     runs.write_report(args.workdir, "realtime_da_table.md", text)
 

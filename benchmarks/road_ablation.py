@@ -18,6 +18,7 @@ over an hour on a 2-core CPU (about 9 rows x ~10 minutes per seed).
 
 from __future__ import annotations
 
+import functools
 import os
 
 import runs
@@ -83,7 +84,9 @@ def table(records: list[dict]) -> str:
 
 def main():
     args, rows, seeds = runs.ablation_args(__doc__.split("\n")[0], ROWS)
-    records = [run_one(row, seed, args) for row in rows for seed in seeds]
+    records = runs.archived_records(args.archive, {
+        f"{row}_seed{seed}": functools.partial(run_one, row, seed, args)
+        for row in rows for seed in seeds})
     text = ("ROAD ablations on the minicity demo (configs/road.py:demo; mIoU over 19 classes on "
             "minicity real_val, last step)\n\n" + table(records) + "\n\nPer-class IoU (%) on "
             "real_val, mean over seeds:\n\n" + runs.per_class_table(runs.by_row(records)) + "\n")

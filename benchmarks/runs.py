@@ -10,6 +10,7 @@ import platform
 import statistics
 import subprocess
 import time
+from collections.abc import Callable
 
 from synseg_jax import evaluate, recipe, train
 
@@ -52,9 +53,7 @@ def recipe_args(description: str) -> argparse.Namespace:
     parser.add_argument("--data_dir", default="", help="TFDS data dir (default <workdir>/tfds)")
     parser.add_argument("--pretrain_workdir", default="", help="a demo pretraining to reuse")
     parser.add_argument("--overrides", default="", help="extra key=value,... for every run")
-    parser.add_argument("--archive", default="",
-                        help="a JSON file of finished seeds' records (e.g. benchmarks/results/"
-                             "<table>.json): seeds found there are not rerun, new ones are added")
+    _archive_flag(parser)
     args = parser.parse_args()
     args.workdir = os.path.abspath(args.workdir)
     args.archive = os.path.abspath(args.archive) if args.archive else ""
@@ -62,6 +61,12 @@ def recipe_args(description: str) -> argparse.Namespace:
     args.pretrain_workdir = os.path.abspath(args.pretrain_workdir) if args.pretrain_workdir else ""
     args.seeds = [int(s) for s in args.seeds.split(",") if s]
     return args
+
+
+def _archive_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--archive", default="",
+                        help="a JSON file of finished runs' records (benchmarks/results/<table>"
+                             ".json): runs found there are not rerun, new ones are added")
 
 
 def seed_config(config_file: str, seed: int, args: argparse.Namespace):
@@ -94,26 +99,25 @@ def timed_recipe(config, workdir: str) -> dict:
         return json.load(f)
 
 
-def archived_records(path: str, seeds: list[int], run_seed) -> list[dict]:
-    """The records of `seeds`, in that order: a seed's record from the archive `path` if it is
-    there, else `run_seed(seed)`'s, which is then added to the archive. The archive (a JSON list,
-    committed beside the table it makes) lets a table be finished across sessions and machines,
-    whose workdirs do not survive; without a path every seed comes from its workdir."""
+def archived_records(path: str, jobs: dict[str, Callable[[], dict]]) -> list[dict]:
+    """The records of `jobs` ({key: a function that runs it and returns its record}), in order:
+    a job's record from the archive `path` if it holds the key, else the job's, which is then
+    added to the archive. The archive (a JSON object, committed beside the table it makes)
+    lets a table be finished across sessions and machines, whose workdirs do not survive;
+    without a path every job runs (each skips what its own workdir already holds)."""
     if not path:
-        return [run_seed(seed) for seed in seeds]
+        return [job() for job in jobs.values()]
     archive = {}
     if os.path.exists(path):
         with open(path) as f:
-            archive = {r["seed"]: r for r in json.load(f)}
-    records = []
-    for seed in seeds:
-        if seed not in archive:
-            archive[seed] = run_seed(seed)
+            archive = json.load(f)
+    for key, job in jobs.items():
+        if key not in archive:
+            archive[key] = job()
             os.makedirs(os.path.dirname(path), exist_ok=True)
             with open(path, "w") as f:
-                json.dump([archive[k] for k in sorted(archive)], f, indent=1)
-        records.append(archive[seed])
-    return records
+                json.dump(archive, f, indent=1, sort_keys=True)
+    return [archive[key] for key in jobs]
 
 
 def mean_wall(records: list[dict]) -> str:
@@ -135,7 +139,9 @@ def ablation_args(description: str, rows: dict) -> tuple[argparse.Namespace, lis
     parser.add_argument("--data_dir", default="", help="TFDS data dir (default: config's)")
     parser.add_argument("--overrides", default="",
                         help="extra key=value,... for every run (e.g. train.steps=4)")
+    _archive_flag(parser)
     args = parser.parse_args()
+    args.archive = os.path.abspath(args.archive) if args.archive else ""
     chosen = [r for r in args.rows.split(",") if r]
     unknown = [r for r in chosen if r not in rows]
     if unknown:

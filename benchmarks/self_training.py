@@ -13,6 +13,7 @@ shared with the other benchmarks when their folders are given, and are not in th
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -58,7 +59,8 @@ def report(records: list[dict]) -> str:
 def main():
     args = runs.recipe_args(__doc__.split("\n")[0])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    records = runs.archived_records(args.archive, args.seeds, lambda s: run_seed(s, args))
+    records = runs.archived_records(
+        args.archive, {f"seed{s}": functools.partial(run_seed, s, args) for s in args.seeds})
     text = report(records)
     runs.write_report(args.workdir, "self_training.md", text)
 

@@ -30,6 +30,7 @@ markdown tables and writes them to <workdir>/semantic_translation_ablation.md.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -215,7 +216,9 @@ def table(records: list[dict]) -> str:
 
 def main():
     args, rows, seeds = runs.ablation_args(__doc__.split("\n")[0], ROWS)
-    records = [run_one(row, seed, args) for row in rows for seed in seeds]
+    records = runs.archived_records(args.archive, {
+        f"{row}_seed{seed}": functools.partial(run_one, row, seed, args)
+        for row in rows for seed in seeds})
     provenance = sorted({r["provenance"] for r in records})
     columns = {}
     for row, rs in runs.by_row(records).items():

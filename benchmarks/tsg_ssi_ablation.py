@@ -23,6 +23,7 @@ them to <workdir>/tsg_ssi_ablation.md. About 10 minutes per run on a 2-core CPU:
 
 from __future__ import annotations
 
+import functools
 import os
 
 import runs
@@ -79,7 +80,9 @@ def table(records: list[dict]) -> str:
 
 def main():
     args, rows, seeds = runs.ablation_args(__doc__.split("\n")[0], ROWS)
-    records = [run_one(row, seed, args) for row in rows for seed in seeds]
+    records = runs.archived_records(args.archive, {
+        f"{row}_seed{seed}": functools.partial(run_one, row, seed, args)
+        for row in rows for seed in seeds})
     by_row = runs.by_row(records)
     text = ("TSG / SSI ablations on the minicity demo (configs/tsg_ssi.py:demo, from scratch; "
             "mIoU over 19 classes, last step)\n\n" + table(records)
