@@ -37,6 +37,11 @@ aliased. For PyTorch, the step runs in a child process and "peak" is its peak RS
 (VmHWM) minus the RSS after importing torch, i.e. model, gradients, momentum and
 activations plus allocator slack, so the two are comparable only roughly.
 
+GFLOP / step: XLA's cost analysis of the compiled step (convolutions, matmuls and elementwise
+work) for the JAX rows; torch's FlopCounterMode over the warm-up step (convolutions and matmuls
+only) for the PyTorch rows. GFLOP/s divides it by the step time; the run also prints the GFLOP/s
+of a 2048x2048 float32 matmul in XLA, the practical peak of the machine to compare with.
+
 ``--size`` / ``--batch`` override every model's size, for a quick run on a small machine.
 ``--remat`` rematerialises the backbone blocks (``model.remat``; ResNet and STDC segmenters,
 the VGG ones are skipped), ``--compute-dtype`` sets ``model.compute_dtype``.
@@ -169,10 +174,14 @@ def jax_step(name: str, spec: ModelSpec, size, batch, repeats: int, compile_only
     compiled = lowered.compile()
     compile_s = time.perf_counter() - t0
     mem = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost  # older jax: one per device
     row = dict(model=name, size=f"{h}x{w}", batch=batch, source=spec.source, remat=remat,
                compute_dtype=compute_dtype,
                params_m=sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params)) / 1e6,
                compile_s=compile_s)
+    if cost and cost.get("flops"):
+        row["gflop"] = cost["flops"] / 1e9
     if mem is not None:
         args, out = mem.argument_size_in_bytes, mem.output_size_in_bytes
         temp, alias = mem.temp_size_in_bytes, mem.alias_size_in_bytes
@@ -189,6 +198,8 @@ def jax_step(name: str, spec: ModelSpec, size, batch, repeats: int, compile_only
         if i:
             times.append(time.perf_counter() - t0)
     row.update(step_s=statistics.median(times), loss=float(loss))
+    if "gflop" in row:
+        row["gflops_s"] = row["gflop"] / row["step_s"]
     return row
 
 
@@ -279,9 +290,13 @@ def torch_worker(segmenter: str, h: int, w: int, batch: int, repeats: int) -> di
     opt = torch.optim.SGD(model.parameters(), lr=2.5e-4, momentum=0.9, weight_decay=5e-4)
     images = torch.randn(batch, 3, h, w)
     labels = torch.randint(0, NUM_CLASSES, (batch, h, w))
-    times = []
+    from torch.utils.flop_counter import FlopCounterMode
+
+    times, counter = [], FlopCounterMode(display=False)
     for i in range(repeats + 1):
         t0 = time.perf_counter()
+        if i == 0:  # count the warm-up step's flops (forward and backward convs and matmuls)
+            counter.__enter__()
         opt.zero_grad(set_to_none=True)
         outputs = model(images)  # BiSeNet: main and two aux outputs, summed as in the JAX step
         loss = sum(F.cross_entropy(F.interpolate(out, (h, w), mode="bilinear",
@@ -289,10 +304,14 @@ def torch_worker(segmenter: str, h: int, w: int, batch: int, repeats: int) -> di
                    for out in (outputs if isinstance(outputs, tuple) else (outputs,)))
         loss.backward()
         opt.step()
+        if i == 0:
+            counter.__exit__(None, None, None)
         if i:
             times.append(time.perf_counter() - t0)
     peak = peak_rss_kib()
-    return dict(step_s=statistics.median(times), loss=float(loss),
+    step_s = statistics.median(times)
+    gflop = counter.get_total_flops() / 1e9
+    return dict(step_s=step_s, loss=float(loss), gflop=gflop, gflops_s=gflop / step_s,
                 # parameters the step trains: STDC's ImageNet classifier (conv_last, fc, linear) is
                 # in the module but not in the segmentation forward
                 params_m=sum(p.numel() for p in model.parameters() if p.grad is not None) / 1e6,
@@ -318,6 +337,23 @@ def torch_step(name: str, spec: ModelSpec, size, batch, repeats: int) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
+PEAK_N = 2048
+
+
+def matmul_gflops(repeats: int = 5) -> float:
+    """GFLOP/s of a large float32 matmul in XLA: the rate the steps' GFLOP/s compare with."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jnp.ones((PEAK_N, PEAK_N), jnp.float32)
+    matmul = jax.jit(lambda x: x @ x)
+    matmul(a).block_until_ready()
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        matmul(a).block_until_ready()
+    return 2 * PEAK_N ** 3 * repeats / (time.perf_counter() - t0) / 1e9
+
+
 def fmt(value, digits=2):
     if value is None:
         return ""
@@ -327,7 +363,8 @@ def fmt(value, digits=2):
 def markdown(rows: list[dict]) -> str:
     cols = [("model", "model"), ("size", "H×W"), ("batch", "batch"), ("compute_dtype", "dtype"),
             ("remat", "remat"), ("params_m", "params (M)"),
-            ("compile_s", "compile (s)"), ("step_s", "step (s)"), ("args_mib", "XLA args (MiB)"),
+            ("compile_s", "compile (s)"), ("step_s", "step (s)"), ("gflop", "GFLOP / step"),
+            ("gflops_s", "GFLOP/s"), ("args_mib", "XLA args (MiB)"),
             ("temp_mib", "XLA temp (MiB)"), ("peak_mib", "peak (MiB)"), ("source", "size from")]
     lines = ["| " + " | ".join(title for _, title in cols) + " |",
              "|" + "---|" * len(cols)]
@@ -383,6 +420,9 @@ def main() -> None:
                                  args.compute_dtype))
         if rows:  # each finished row at once: a long run stopped midway keeps what it measured
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    if not args.compile_only:
+        print(f"XLA float32 matmul {PEAK_N}x{PEAK_N} (this CPU's practical peak): "
+              f"{matmul_gflops():.0f} GFLOP/s", flush=True)
     load = " / ".join(f"{x:.2f}" for x in os.getloadavg())
     print(f"machine: {platform.platform()}, {platform.processor() or platform.machine()}, "
           f"cpu_count={os.cpu_count()}, jax {jax.__version__} on {jax.devices()[0].platform}, "
