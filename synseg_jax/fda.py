@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from synseg_jax import images
+from synseg_jax.choices import check_choice
 
 VARIANTS = ("centered", "corners")
 Batch = dict[str, dict[str, jax.Array]]
@@ -42,8 +43,7 @@ def window_half_size(height: int, width: int, beta: float) -> int:
 def low_frequency_mask(height: int, width: int, beta: float, variant: str) -> np.ndarray:
     """Boolean [H, W] over the unshifted spectrum: True where the target's amplitude is taken."""
     check_beta(beta)
-    if variant not in VARIANTS:
-        raise ValueError(f"FDA variant must be one of {VARIANTS}, got {variant!r}")
+    check_choice("FDA variant", variant, VARIANTS)
     b = window_half_size(height, width, beta)
 
     def axis(n: int) -> np.ndarray:

@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from synseg_jax.choices import check_choice
+
 # DeepLab / Caffe lineage: BGR order, 0..255 range, mean subtracted, no scaling.
 CAFFE_BGR_MEAN = np.array((104.008, 116.669, 122.679), np.float32)
 # torchvision / timm lineage: RGB scaled to 0..1, then per-channel mean and std.
@@ -29,8 +31,7 @@ NORMALIZATIONS = ("caffe_bgr", "imagenet_rgb")
 
 
 def check_normalization(mode: str) -> None:
-    if mode not in NORMALIZATIONS:
-        raise ValueError(f"Unknown normalization {mode!r}; expected one of {NORMALIZATIONS}")
+    check_choice("normalization", mode, NORMALIZATIONS)
 
 
 def normalize(rgb, mode: str):

@@ -23,6 +23,7 @@ from PIL import Image
 
 from synseg_jax import evaluate, methods, paths, predict, recipe
 from synseg_jax.data import pipeline
+from synseg_jax.choices import check_choice
 
 SUFFIX = "_translated.png"
 DIRECTIONS = {"source_to_target": ("source", "target"), "target_to_source": ("target", "source")}
@@ -47,8 +48,7 @@ def translate_folder(config, method, variables, folder: str, out_dir: str,
     """Writes the translation of every image under `folder`; returns the paths written."""
     import tensorflow as tf  # noqa: PLC0415  (resizing as the training pipeline does)
 
-    if direction not in DIRECTIONS:
-        raise ValueError(f"--direction must be one of {sorted(DIRECTIONS)}, got {direction!r}")
+    check_choice("--direction", direction, DIRECTIONS)
     source, target = DIRECTIONS[direction]
     files, skipped = predict.image_files(folder)
     for path in skipped:

@@ -46,6 +46,7 @@ from synseg_jax.models.discriminators import ASPPDiscriminator
 from synseg_jax.models.layers import scale_gradient
 from synseg_jax.models.segmenters import BACKBONE_SCOPE
 from synseg_jax.state import TrainState, init_key, new_state
+from synseg_jax.choices import check_choice
 
 REDUCTIONS = ("sum", "mean")
 DISC_INPUTS = ("logits", "image")
@@ -98,16 +99,10 @@ class StructureEnhancement:
         self.model = self.seg.model
         self.use_rec, self.use_adv = bool(me.reconstruction), bool(me.adversarial)
         self.lambda_rec, self.lambda_adv = float(me.lambda_rec), float(me.lambda_adv)
-        if me.rec_reduction not in REDUCTIONS:
-            raise ValueError(f"method.rec_reduction must be one of {REDUCTIONS}, got "
-                             f"{me.rec_reduction!r}")
-        if me.disc_input not in DISC_INPUTS:
-            raise ValueError(f"method.disc_input must be one of {DISC_INPUTS}, got "
-                             f"{me.disc_input!r}")
+        check_choice("method.rec_reduction", me.rec_reduction, REDUCTIONS)
+        check_choice("method.disc_input", me.disc_input, DISC_INPUTS)
         self.disc_input = me.disc_input
-        if me.encoder_grads not in ENCODER_GRADS:
-            raise ValueError(f"method.encoder_grads must be one of {ENCODER_GRADS}, got "
-                             f"{me.encoder_grads!r}")
+        check_choice("method.encoder_grads", me.encoder_grads, ENCODER_GRADS)
         if (self.use_rec or self.use_adv) and not config.data.target:
             raise ValueError("Structure enhancement with method.reconstruction or "
                              "method.adversarial needs target images: set data.target")

@@ -17,7 +17,8 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
+
+from synseg_jax.choices import check_choice
 
 BN_PREFIX = "bn"
 
@@ -42,8 +43,7 @@ COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 def compute_dtype(name: str) -> Any:
     """The dtype of a ``model.compute_dtype`` name."""
-    if name not in COMPUTE_DTYPES:
-        raise ValueError(f"compute_dtype must be one of {sorted(COMPUTE_DTYPES)}, got {name!r}")
+    check_choice("compute_dtype", name, COMPUTE_DTYPES)
     return COMPUTE_DTYPES[name]
 
 
@@ -76,8 +76,7 @@ def batch_norm(mode: str, train: bool, name: str = BN_PREFIX, dtype: Any = None)
     Unlike PyTorch, flax folds the biased batch variance into the running variance; with the crop
     sizes used here (thousands of pixels per channel) the difference is negligible.
     """
-    if mode not in BN_MODES:
-        raise ValueError(f"bn_mode must be one of {BN_MODES}, got {mode!r}")
+    check_choice("bn_mode", mode, BN_MODES)
     if not name.startswith(BN_PREFIX):
         raise ValueError(f"BatchNorm module names must start with {BN_PREFIX!r}, got {name!r}")
     return nn.BatchNorm(

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from synseg_jax.models.layers import ConvBN, float32_outputs, max_pool, rematerialised
+from synseg_jax.choices import check_choice
 
 STAGE_SIZES = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
 # (stage 1..4, its output, the earlier stages' features) -> what the next stage sees.
@@ -109,11 +110,8 @@ class ResNet(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool, after_stage: AfterStage | None = None
                  ) -> dict[str, jax.Array]:
-        if self.style not in STYLES:
-            raise ValueError(f"style must be one of {STYLES}, got {self.style!r}")
-        if self.output_stride not in STRIDES_AND_DILATIONS:
-            raise ValueError(f"output_stride must be one of {sorted(STRIDES_AND_DILATIONS)}, "
-                             f"got {self.output_stride}")
+        check_choice("style", self.style, STYLES)
+        check_choice("output_stride", self.output_stride, STRIDES_AND_DILATIONS)
         if self.stage_sizes is None and self.depth not in STAGE_SIZES:
             raise ValueError(f"depth must be one of {sorted(STAGE_SIZES)} (or pass "
                              f"stage_sizes), got {self.depth}")

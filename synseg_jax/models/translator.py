@@ -70,6 +70,7 @@ from synseg_jax.losses import mse_gan
 from synseg_jax.models.decoders import ReflectConv, ResidualBlock, upsample_to_image
 from synseg_jax.models.layers import instance_norm, rematerialised
 from synseg_jax.models.pooling import avg_pool_uncounted_padding
+from synseg_jax.choices import check_choice
 
 DOMAINS = ("source", "target")
 GENERATOR_NORMS = ("spade", "in")
@@ -79,8 +80,7 @@ gaussian_init = nn.initializers.normal(0.02)
 
 
 def _check_domain(domain: str) -> str:
-    if domain not in DOMAINS:
-        raise ValueError(f"domain must be one of {DOMAINS}, got {domain!r}")
+    check_choice("domain", domain, DOMAINS)
     return domain
 
 
@@ -150,8 +150,7 @@ class GeneratorBlocks(nn.Module):
     @nn.compact
     def __call__(self, h: jax.Array, semantics: jax.Array,
                  update_stats: bool = False) -> jax.Array:
-        if self.norm not in GENERATOR_NORMS:
-            raise ValueError(f"norm must be one of {GENERATOR_NORMS}, got {self.norm!r}")
+        check_choice("norm", self.norm, GENERATOR_NORMS)
         spade_block = rematerialised(SPADEResidualBlock, self.remat, static_argnums=(3,))
         in_block = rematerialised(ResidualBlock, self.remat)
         for i in range(self.num_blocks):
@@ -265,8 +264,7 @@ class Translator(nn.Module):
     def setup(self):
         if not 0 <= self.n_shared <= self.n_res:
             raise ValueError(f"n_shared must lie in [0, n_res={self.n_res}], got {self.n_shared}")
-        if self.norm not in GENERATOR_NORMS:
-            raise ValueError(f"norm must be one of {GENERATOR_NORMS}, got {self.norm!r}")
+        check_choice("norm", self.norm, GENERATOR_NORMS)
         sn, private = self.spectral_norm, self.n_res - self.n_shared
         spade_sn = self.spectral_norm and self.spade_spectral_norm
         enc = dict(dim=self.dim, n_downsample=self.n_downsample, num_blocks=private,

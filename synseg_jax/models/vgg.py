@@ -27,6 +27,7 @@ import flax.linen as nn
 import jax
 
 from synseg_jax.models.layers import BN_MODES, Conv, conv_init, conv_padding, max_pool
+from synseg_jax.choices import check_choice
 
 # Convs per block: VGG16 (configuration "D" of Simonyan & Zisserman 2015, Table 1). The same
 # attribute gives VGG11 (1, 1, 2, 2, 2), VGG13 (2, 2, 2, 2, 2) and VGG19 (2, 2, 4, 4, 4).
@@ -105,10 +106,8 @@ class VGG(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> dict[str, jax.Array]:
-        if self.variant not in VARIANTS:
-            raise ValueError(f"variant must be one of {sorted(VARIANTS)}, got {self.variant!r}")
-        if self.bn_mode not in BN_MODES:  # unused, but a typo should not pass silently
-            raise ValueError(f"bn_mode must be one of {BN_MODES}, got {self.bn_mode!r}")
+        check_choice("variant", self.variant, VARIANTS)
+        check_choice("bn_mode", self.bn_mode, BN_MODES)  # unused, but a typo must not pass
         if len(self.stage_sizes) != len(BLOCK_WIDTHS):
             raise ValueError(f"stage_sizes needs {len(BLOCK_WIDTHS)} entries, "
                              f"got {tuple(self.stage_sizes)}")

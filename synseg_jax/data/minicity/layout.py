@@ -8,6 +8,7 @@ import math
 
 import numpy as np
 
+from synseg_jax.choices import check_choice
 from synseg_jax.data.minicity.gap import FULL, Gap
 from synseg_jax.data.minicity.geometry import (
     Builder, Camera, Layout, Road, add, add_billboard, add_prism, blob, ground_quads, insets,
@@ -413,8 +414,7 @@ def _street(b: Builder, rng, cam: Camera, road: Road, p: DomainParams, train_lan
 def domain_params(domain: str, gap: Gap = FULL) -> DomainParams:
     """The scene parameters of a domain; for `real`, the layout knobs that `gap` turns off take
     sim's values."""
-    if domain not in DOMAIN_PARAMS:
-        raise ValueError(f"Unknown domain {domain!r}; expected one of {DOMAINS}")
+    check_choice("domain", domain, DOMAINS)
     p = DOMAIN_PARAMS[domain]
     if domain == "real":
         sim = DOMAIN_PARAMS["sim"]

@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 
+from synseg_jax.choices import check_choice
 from synseg_jax.data.minicity.gap import FULL, Gap
 from synseg_jax.data.minicity.geometry import Layout
 from synseg_jax.data.minicity.materials import (
@@ -111,8 +112,7 @@ def _real_finish(layout: Layout, index: np.ndarray, rng, viewport, gap: Gap) -> 
 
 def render_from_index(layout: Layout, index: np.ndarray, style: str, rng, viewport,
                       gap: Gap = FULL) -> np.ndarray:
-    if style not in STYLES:
-        raise ValueError(f"Unknown style {style!r}; expected one of {STYLES}")
+    check_choice("style", style, STYLES)
     if style == "sim":
         colours = np.clip(colour_lut(layout, "sim", "sim") + 0.5, 0, 255).astype(np.uint8)
         return np.take(colours, index, axis=0)
