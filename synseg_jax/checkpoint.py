@@ -100,11 +100,18 @@ def save_variables(path: str, variables: Any) -> None:
 
 def load_variables(path: str) -> Any:
     """Reads a tree written by `save_variables` (or by the weight importer) as numpy arrays."""
+    if not path:
+        raise FileNotFoundError("No variables checkpoint: the path is empty (a config's "
+                                "init.<role>.path)")
     path = paths.absolute(path)
     if not epath.Path(path).is_dir():  # epath, as orbax: the folder may be in a gs:// bucket
         raise FileNotFoundError(f"No variables checkpoint at {path} (a config's init.<role>.path)")
     with ocp.PyTreeCheckpointer() as reader:
-        metadata = reader.metadata(path).item_metadata.tree
+        found = reader.metadata(path)
+        if found is None or found.item_metadata is None:
+            raise FileNotFoundError(f"{path} is a folder but holds no variables checkpoint (one "
+                                    "written by import_weights or a finished run's export)")
+        metadata = found.item_metadata.tree
         target = jax.tree_util.tree_map(
             lambda m: np.zeros(m.shape, m.dtype), metadata,
             is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"))

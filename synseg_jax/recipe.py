@@ -348,28 +348,15 @@ def _run_translate_stage(config, workdir: str, name: str) -> dict:
                                  batch_size=cfg.data.eval_batch_size)
 
 
-def _refuse_finished_with_other_settings(stage_dir: str, name: str, changes: list[str]) -> None:
-    if changes:
-        raise train.ConfigChangedError(
-            f"Stage {name!r} in {stage_dir} was finished with another config, so its results "
-            f"are not this config's. Changed: " + "; ".join(changes) + ". Delete that folder "
-            "and the later stages' to rerun them, use another --workdir, or pass "
-            "--allow_config_change to keep the finished stages")
-
-
-def _check_finished_train_stage(config, workdir: str, name: str) -> None:
-    """A finished train stage is skipped only if it was trained with this config: otherwise
-    its weights and scores would silently stand for a config that never ran."""
+def _train_stage_changes(config, workdir: str, name: str) -> list[str]:
     stage_dir = os.path.join(workdir, name)
     recorded = os.path.join(stage_dir, "config.json")
     if not tf.io.gfile.exists(recorded):
-        return
+        return []
     cfg = ensure_pretrained(stage_config(config, workdir, name), stage_dir)
     with tf.io.gfile.GFile(recorded) as f:
         old = json.load(f)
-    _refuse_finished_with_other_settings(
-        stage_dir, name,
-        train.blocking_changes(old, json.loads(cfg.to_json_best_effort()), finished=True))
+    return train.blocking_changes(old, json.loads(cfg.to_json_best_effort()), finished=True)
 
 
 STAGE_RECORD = "stage.json"
@@ -382,18 +369,24 @@ def _stage_settings(config, name: str) -> dict:
     return {f"stages.{name}": json.loads(config.stages[name].to_json_best_effort())}
 
 
-def _check_finished_other_stage(config, workdir: str, name: str) -> None:
-    """A finished sweep, ensemble or translate stage is skipped only if its settings are the
-    config's (a new threshold must not reuse the old pseudo-labels). Stages finished before
-    their settings were recorded have no record and are not checked."""
-    stage_dir = os.path.join(workdir, name)
-    recorded = os.path.join(stage_dir, STAGE_RECORD)
-    if not tf.io.gfile.exists(recorded):
-        return
+def _other_stage_changes(config, workdir: str, name: str) -> list[str]:
+    recorded = os.path.join(workdir, name, STAGE_RECORD)
+    if not tf.io.gfile.exists(recorded):  # finished before stages recorded their settings
+        return []
     with tf.io.gfile.GFile(recorded) as f:
         old = json.load(f)
-    _refuse_finished_with_other_settings(
-        stage_dir, name, train.config_changes(old, _stage_settings(config, name)))
+    return train.config_changes(old, _stage_settings(config, name))
+
+
+def finished_stage_changes(config, workdir: str, name: str) -> list[str]:
+    """How finished stage `name` ran differently from what `config` asks now, as 'key: old ->
+    new' ([] if the same): a train stage's recorded config.json (a new `train.steps` counts), a
+    sweep, ensemble or translate stage's own settings (stage.json). A finished stage is
+    skipped only when this is empty: otherwise its results would silently stand for a config
+    that never ran (a new threshold would reuse the old pseudo-labels)."""
+    changes = (_train_stage_changes if config.stages[name].kind == "train"
+               else _other_stage_changes)
+    return changes(config, workdir, name)
 
 
 def run_stages(config: ml_collections.ConfigDict, workdir: str,
@@ -404,10 +397,14 @@ def run_stages(config: ml_collections.ConfigDict, workdir: str,
         stage = config.stages[name]
         done = os.path.join(workdir, name, DONE)
         if tf.io.gfile.exists(done):
-            if not allow_config_change:
-                check = (_check_finished_train_stage if stage.kind == "train"
-                         else _check_finished_other_stage)
-                check(config, workdir, name)
+            changes = [] if allow_config_change else finished_stage_changes(config, workdir, name)
+            if changes:
+                raise train.ConfigChangedError(
+                    f"Stage {name!r} in {os.path.join(workdir, name)} was finished with another "
+                    "config, so its results are not this config's. Changed: "
+                    + "; ".join(changes) + ". Delete that folder and the later stages' to rerun "
+                    "them, use another --workdir, or pass --allow_config_change to keep the "
+                    "finished stages")
             print(f"Stage {name!r} is done ({done}); skipping it.", flush=True)
             with tf.io.gfile.GFile(done) as f:
                 summaries[name] = json.load(f)

@@ -115,3 +115,16 @@ def test_a_kill_during_a_save_leaves_a_restorable_latest_checkpoint(tmp_path, de
     ckpt.wait()
     assert ckpt.latest_step() == 3
     ckpt.close()
+
+
+def test_loading_variables_from_a_folder_without_them_names_the_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="path is empty"):
+        checkpoint.load_variables("")
+    (tmp_path / "notes").mkdir()
+    with pytest.raises(FileNotFoundError, match=rf"{tmp_path / 'notes'} is a folder but holds no"):
+        checkpoint.load_variables(str(tmp_path / "notes"))
+    with pytest.raises(FileNotFoundError, match="No variables checkpoint at"):
+        checkpoint.load_variables(str(tmp_path / "missing"))
+    checkpoint.save_variables(str(tmp_path / "saved"), {"params": {"w": np.ones(3, np.float32)}})
+    np.testing.assert_array_equal(checkpoint.load_variables(str(tmp_path / "saved"))["params"]["w"],
+                                  np.ones(3))
