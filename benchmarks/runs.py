@@ -116,7 +116,7 @@ def archived_records(path: str, jobs: dict[str, Callable[[], dict]]) -> list[dic
             archive[key] = job()
             os.makedirs(os.path.dirname(path), exist_ok=True)
             with open(path, "w") as f:
-                json.dump(archive, f, indent=1, sort_keys=True)
+                json.dump(archive, f, indent=1)  # key order kept: classes stay in label order
     return [archive[key] for key in jobs]
 
 
