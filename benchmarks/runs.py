@@ -56,7 +56,6 @@ def recipe_args(description: str) -> argparse.Namespace:
     _archive_flag(parser)
     args = parser.parse_args()
     args.workdir = os.path.abspath(args.workdir)
-    args.archive = os.path.abspath(args.archive) if args.archive else ""
     args.data_dir = os.path.abspath(args.data_dir or os.path.join(args.workdir, "tfds"))
     args.pretrain_workdir = os.path.abspath(args.pretrain_workdir) if args.pretrain_workdir else ""
     args.seeds = [int(s) for s in args.seeds.split(",") if s]
@@ -64,7 +63,7 @@ def recipe_args(description: str) -> argparse.Namespace:
 
 
 def _archive_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--archive", default="",
+    parser.add_argument("--archive", default="", type=lambda p: os.path.abspath(p) if p else "",
                         help="a JSON file of finished runs' records (benchmarks/results/<table>"
                              ".json): runs found there are not rerun, new ones are added")
 
@@ -141,7 +140,6 @@ def ablation_args(description: str, rows: dict) -> tuple[argparse.Namespace, lis
                         help="extra key=value,... for every run (e.g. train.steps=4)")
     _archive_flag(parser)
     args = parser.parse_args()
-    args.archive = os.path.abspath(args.archive) if args.archive else ""
     chosen = [r for r in args.rows.split(",") if r]
     unknown = [r for r in chosen if r not in rows]
     if unknown:

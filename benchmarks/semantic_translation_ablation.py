@@ -153,7 +153,7 @@ def stage_seconds(config, workdir: str, start: float) -> dict:
     return out
 
 
-def shared_stages_fit(config, workdir: str) -> bool:
+def shared_stages_differ(config, workdir: str) -> bool:
     """Whether the linked stages ran with a config that differs from the row's, in row switches
     only (then the row runs with allow_config_change); any other difference is an error."""
     changes = [c for name in SHARED_STAGES
@@ -172,11 +172,11 @@ def run_one(row: str, seed: int, args) -> dict:
     rounds = ROWS[row][2]
     if not os.path.exists(result_path):
         os.makedirs(workdir, exist_ok=True)
+        linked_differ = False
         if row not in ("full", "oracle"):
             link_shared_stages(workdir, os.path.join(args.workdir, f"full_seed{seed}"), seed,
                                args)
-        linked_differ = shared_stages_fit(config, workdir) if row not in ("full", "oracle") \
-            else False
+            linked_differ = shared_stages_differ(config, workdir)
         recipe.ensure_pretrained(config, workdir)  # made before any clock starts
         made_by = runs.provenance()
         # A run resumed after a kill did part of its work before this clock: its wall time

@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from synseg_jax import images
+from synseg_jax.choices import check_choice
 from synseg_jax.methods import base
 from synseg_jax.methods.adversarial import (disc_map_picture, domain_loss, fooling_loss,
                                             probabilities)
@@ -46,7 +47,6 @@ from synseg_jax.models.discriminators import ASPPDiscriminator
 from synseg_jax.models.layers import scale_gradient
 from synseg_jax.models.segmenters import BACKBONE_SCOPE
 from synseg_jax.state import TrainState, init_key, new_state
-from synseg_jax.choices import check_choice
 
 REDUCTIONS = ("sum", "mean")
 DISC_INPUTS = ("logits", "image")

@@ -28,8 +28,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from synseg_jax.models.layers import ConvBN, float32_outputs, max_pool, rematerialised
 from synseg_jax.choices import check_choice
+from synseg_jax.models.layers import ConvBN, float32_outputs, max_pool, rematerialised
 
 STAGE_SIZES = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
 # (stage 1..4, its output, the earlier stages' features) -> what the next stage sees.

@@ -65,12 +65,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from synseg_jax.choices import check_choice
 from synseg_jax.images import resize_nearest
 from synseg_jax.losses import mse_gan
 from synseg_jax.models.decoders import ReflectConv, ResidualBlock, upsample_to_image
 from synseg_jax.models.layers import instance_norm, rematerialised
 from synseg_jax.models.pooling import avg_pool_uncounted_padding
-from synseg_jax.choices import check_choice
 
 DOMAINS = ("source", "target")
 GENERATOR_NORMS = ("spade", "in")

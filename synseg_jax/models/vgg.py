@@ -26,8 +26,8 @@ from typing import Any
 import flax.linen as nn
 import jax
 
-from synseg_jax.models.layers import BN_MODES, Conv, conv_init, conv_padding, max_pool
 from synseg_jax.choices import check_choice
+from synseg_jax.models.layers import BN_MODES, Conv, conv_init, conv_padding, max_pool
 
 # Convs per block: VGG16 (configuration "D" of Simonyan & Zisserman 2015, Table 1). The same
 # attribute gives VGG11 (1, 1, 2, 2, 2), VGG13 (2, 2, 2, 2, 2) and VGG19 (2, 2, 4, 4, 4).
