@@ -283,6 +283,7 @@ TORCH_MODELS = {"deeplabv2": torch_deeplabv2_r101, "bisenet_stdc813": torch_bise
 def torch_worker(segmenter: str, h: int, w: int, batch: int, repeats: int) -> dict:
     import torch
     from torch.nn import functional as F
+    from torch.utils.flop_counter import FlopCounterMode
 
     torch.set_num_threads(os.cpu_count() or 1)
     base_rss = peak_rss_kib()
@@ -290,13 +291,8 @@ def torch_worker(segmenter: str, h: int, w: int, batch: int, repeats: int) -> di
     opt = torch.optim.SGD(model.parameters(), lr=2.5e-4, momentum=0.9, weight_decay=5e-4)
     images = torch.randn(batch, 3, h, w)
     labels = torch.randint(0, NUM_CLASSES, (batch, h, w))
-    from torch.utils.flop_counter import FlopCounterMode
 
-    times, counter = [], FlopCounterMode(display=False)
-    for i in range(repeats + 1):
-        t0 = time.perf_counter()
-        if i == 0:  # count the warm-up step's flops (forward and backward convs and matmuls)
-            counter.__enter__()
+    def step():
         opt.zero_grad(set_to_none=True)
         outputs = model(images)  # BiSeNet: main and two aux outputs, summed as in the JAX step
         loss = sum(F.cross_entropy(F.interpolate(out, (h, w), mode="bilinear",
@@ -304,10 +300,16 @@ def torch_worker(segmenter: str, h: int, w: int, batch: int, repeats: int) -> di
                    for out in (outputs if isinstance(outputs, tuple) else (outputs,)))
         loss.backward()
         opt.step()
-        if i == 0:
-            counter.__exit__(None, None, None)
-        if i:
-            times.append(time.perf_counter() - t0)
+        return loss
+
+    counter = FlopCounterMode(display=False)
+    with counter:  # the warm-up step, untimed, counts the flops (convolutions and matmuls)
+        step()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        loss = step()
+        times.append(time.perf_counter() - t0)
     peak = peak_rss_kib()
     step_s = statistics.median(times)
     gflop = counter.get_total_flops() / 1e9
