@@ -333,3 +333,34 @@ def test_pointwise_conv_matmul_equals_nn_conv(strides, padding, use_bias):
     # Anything that is not a plain 1x1 goes to nn.Conv unchanged.
     three = layers.Conv(7, (3, 3), padding=[(1, 1), (1, 1)])
     assert not three._is_pointwise() and three.init(jax.random.key(0), x)["params"]["kernel"].shape == (3, 3, 5, 7)
+
+
+@pytest.mark.parametrize("kernel,strides,padding,dilation,use_bias", [
+    ((3, 3), (2, 2), [(1, 1), (1, 1)], (1, 1), False),  # STDC's conv_avd
+    ((3, 3), (1, 1), "SAME", (2, 2), True),
+    ((3, 3), (2, 2), "SAME", (1, 1), False),  # flax's asymmetric stride-2 SAME
+    ((3, 5), (1, 2), "VALID", (1, 1), True),
+    ((5, 5), (3, 3), 2, (1, 2), False),
+])
+def test_depthwise_conv_equals_nn_conv(kernel, strides, padding, dilation, use_bias):
+    """layers.Conv computes one-group-per-channel kernels as shifted, strided slices: same
+    parameters, outputs and gradients as nn.Conv for every padding form, stride and dilation."""
+    import flax.linen as nn
+    x = _images(4, n=2, size=11, c=6)
+    kwargs = dict(strides=strides, padding=padding, kernel_dilation=dilation, use_bias=use_bias,
+                  feature_group_count=6)
+    ours = layers.Conv(6, kernel, **kwargs)
+    ref = nn.Conv(6, kernel, **kwargs)
+    assert ours._is_depthwise(6)
+    params = ref.init(jax.random.key(1), x)
+    ours_init = ours.init(jax.random.key(1), x)
+    assert jax.tree.map(jnp.shape, ours_init) == jax.tree.map(jnp.shape, params)
+    np.testing.assert_array_equal(ours_init["params"]["kernel"], params["params"]["kernel"])
+    if use_bias:
+        params = jax.tree.map(lambda p: p + 0.3, params)
+    np.testing.assert_allclose(ours.apply(params, x), ref.apply(params, x), rtol=1e-5, atol=1e-5)
+    grad = lambda m: jax.grad(lambda p, x: jnp.sum(jnp.sin(m.apply(p, x))), argnums=(0, 1))
+    for a, b in zip(jax.tree.leaves(grad(ours)(params, x)), jax.tree.leaves(grad(ref)(params, x))):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+    # Other groupings (two channels per group) are nn.Conv's.
+    assert not layers.Conv(6, kernel, **dict(kwargs, feature_group_count=3))._is_depthwise(6)

@@ -97,16 +97,23 @@ def conv_padding(kernel_size: int, dilation: int = 1) -> list[tuple[int, int]]:
 
 
 class Conv(nn.Conv):
-    """``nn.Conv`` with the same parameters, computing 1×1 kernels as a matrix product.
+    """``nn.Conv`` with the same parameters, computing 1×1 and depthwise kernels without XLA's
+    convolution, whose CPU gradients are slow for both.
 
-    XLA:CPU lowers the kernel gradient of a 1×1 convolution to a convolution with a huge window,
-    2-2.5× slower than the equivalent matmul (benchmarks/model_step.py; ResNet bottlenecks are
-    two-thirds 1×1). A strided 1×1 conv is a subsampling followed by the product. Every other
-    case (larger kernels, groups, padding, dilation) is nn.Conv itself.
+    - 1×1: XLA:CPU lowers the kernel gradient of a 1×1 convolution to a convolution with a huge
+      window, 2-2.5× slower than the equivalent matmul (benchmarks/model_step.py; ResNet
+      bottlenecks are two-thirds 1×1). A strided 1×1 conv is a subsampling followed by the product.
+    - depthwise (one group per channel, as STDC's 3×3/2 ``conv_avd``): XLA:CPU's grouped
+      convolution gradient took 21 s forward + backward on 8×128×256×128, against 0.9 s for the
+      same kernel as a sum of k·k shifted, strided slices each scaled per channel (PyTorch: 1.2 s).
+      Those three convs were two-thirds of BiSeNet-STDC813's 512×1024 train step.
+    Every other case (larger dense kernels, other groupings, input dilation) is nn.Conv itself.
     """
 
     @nn.compact
     def __call__(self, inputs: jax.Array) -> jax.Array:
+        if self._is_depthwise(inputs.shape[-1]):
+            return self._depthwise(inputs)
         if not self._is_pointwise():
             return super().__call__(inputs)
         sh, sw = _pair(self.strides)
@@ -128,6 +135,46 @@ class Conv(nn.Conv):
             not isinstance(padding, str) and all(tuple(p) == (0, 0) for p in padding))
         return (_pair(self.kernel_size) == (1, 1) and self.feature_group_count == 1 and no_padding
                 and _pair(self.input_dilation) == (1, 1) and self.mask is None)
+
+    def _is_depthwise(self, in_features: int) -> bool:
+        return (self.feature_group_count == in_features == self.features and in_features > 1
+                and len(_pair(self.kernel_size)) == 2 and _pair(self.input_dilation) == (1, 1)
+                and self.mask is None
+                and (not isinstance(self.padding, str) or self.padding in ("SAME", "VALID")))
+
+    def _depthwise(self, inputs: jax.Array) -> jax.Array:
+        kh, kw = _pair(self.kernel_size)
+        sh, sw = _pair(self.strides)
+        dh, dw = _pair(self.kernel_dilation)
+        channels = inputs.shape[-1]
+        kernel = self.param("kernel", self.kernel_init, (kh, kw, 1, channels), self.param_dtype)
+        bias = (self.param("bias", self.bias_init, (channels,), self.param_dtype)
+                if self.use_bias else None)
+        x, kernel, bias = self.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
+        pads = _explicit_padding(self.padding, x.shape[1:3], (kh, kw), (sh, sw), (dh, dw))
+        x = jnp.pad(x, ((0, 0), *pads, (0, 0)))
+        out_h = (x.shape[1] - dh * (kh - 1) - 1) // sh + 1
+        out_w = (x.shape[2] - dw * (kw - 1) - 1) // sw + 1
+        y = None
+        for i in range(kh):
+            for j in range(kw):
+                start = (0, i * dh, j * dw, 0)
+                limit = (x.shape[0], i * dh + (out_h - 1) * sh + 1,
+                         j * dw + (out_w - 1) * sw + 1, channels)
+                term = jax.lax.slice(x, start, limit, (1, sh, sw, 1)) * kernel[i, j, 0]
+                y = term if y is None else y + term
+        return y if bias is None else y + bias
+
+
+def _explicit_padding(padding, spatial, kernel, strides, dilation) -> list[tuple[int, int]]:
+    """nn.Conv's padding forms ("SAME", "VALID", an int, or per-axis ints / pairs) as
+    ``[(lo, hi), (lo, hi)]``."""
+    if isinstance(padding, str):
+        dilated = [(k - 1) * d + 1 for k, d in zip(kernel, dilation)]
+        return [tuple(p) for p in jax.lax.padtype_to_pads(spatial, dilated, strides, padding)]
+    if isinstance(padding, int):
+        return [(padding, padding)] * 2
+    return [(p, p) if isinstance(p, int) else tuple(p) for p in padding]
 
 
 def _pair(value: int | Sequence[int] | None) -> tuple[int, int]:
