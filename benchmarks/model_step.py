@@ -118,8 +118,11 @@ def host_variables(model, shape, seed=0):
     return jax.tree_util.tree_map_with_path(fill, abstract)
 
 
-def jax_step(name: str, spec: ModelSpec, size, batch, repeats: int, compile_only: bool,
-             remat: bool = False, compute_dtype: str = "float32") -> dict:
+def jax_training_step(spec: ModelSpec, size, batch, remat: bool = False,
+                      compute_dtype: str = "float32"):
+    """The jittable train step of ``spec`` at ``size`` x ``batch`` and its arguments:
+    ``(step, (params, opt_state, batch_stats, images, labels, key), remat)``; ``remat`` says
+    whether the model could be rematerialised (the VGG ones cannot)."""
     import jax
     import optax
 
@@ -167,10 +170,18 @@ def jax_step(name: str, spec: ModelSpec, size, batch, repeats: int, compile_only
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, batch_stats, loss
 
-    key = jax.random.key(0)
+    return step, (params, opt_state, batch_stats, images, labels, jax.random.key(0)), remat
+
+
+def jax_step(name: str, spec: ModelSpec, size, batch, repeats: int, compile_only: bool,
+             remat: bool = False, compute_dtype: str = "float32") -> dict:
+    import jax
+
+    step, arguments, remat = jax_training_step(spec, size, batch, remat, compute_dtype)
+    params, opt_state, batch_stats, images, labels, key = arguments
+    h, w = size
     t0 = time.perf_counter()
-    lowered = jax.jit(step, donate_argnums=(0, 1, 2)).lower(
-        params, opt_state, batch_stats, images, labels, key)
+    lowered = jax.jit(step, donate_argnums=(0, 1, 2)).lower(*arguments)
     compiled = lowered.compile()
     compile_s = time.perf_counter() - t0
     mem = compiled.memory_analysis()
@@ -280,13 +291,12 @@ def torch_bisenet_stdc813():
 TORCH_MODELS = {"deeplabv2": torch_deeplabv2_r101, "bisenet_stdc813": torch_bisenet_stdc813}
 
 
-def torch_worker(segmenter: str, h: int, w: int, batch: int, repeats: int) -> dict:
+def torch_training_step(segmenter: str, h: int, w: int, batch: int):
+    """The PyTorch model of ``segmenter`` and a function running one train step of it on random
+    ``batch`` x ``h`` x ``w`` images, as the JAX step does."""
     import torch
     from torch.nn import functional as F
-    from torch.utils.flop_counter import FlopCounterMode
 
-    torch.set_num_threads(os.cpu_count() or 1)
-    base_rss = peak_rss_kib()
     model = TORCH_MODELS[segmenter]().train()
     opt = torch.optim.SGD(model.parameters(), lr=2.5e-4, momentum=0.9, weight_decay=5e-4)
     images = torch.randn(batch, 3, h, w)
@@ -302,6 +312,16 @@ def torch_worker(segmenter: str, h: int, w: int, batch: int, repeats: int) -> di
         opt.step()
         return loss
 
+    return model, step
+
+
+def torch_worker(segmenter: str, h: int, w: int, batch: int, repeats: int) -> dict:
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    base_rss = peak_rss_kib()
+    model, step = torch_training_step(segmenter, h, w, batch)
     counter = FlopCounterMode(display=False)
     with counter:  # the warm-up step, untimed, counts the flops (convolutions and matmuls)
         step()
