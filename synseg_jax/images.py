@@ -14,6 +14,7 @@ Resizing conventions differ between the reference codes, and the difference move
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import jax
@@ -102,32 +103,68 @@ def gray_to_uint8(x):
     return jnp.repeat(g[..., None], 3, axis=-1)
 
 
-def _align_corners_matrix(n_in: int, n_out: int) -> np.ndarray:
-    """(n_out, n_in) linear interpolation that maps the end pixels onto each other."""
+def _linear_taps(n_in: int, n_out: int, align_corners: bool):
+    """For each output index along one axis: the two input indices it blends and the weight of
+    the second, as ``F.interpolate(mode="bilinear")`` computes them (numpy, at trace time).
+
+    ``align_corners=False`` samples at half-pixel centres, ``(o + 0.5) * n_in / n_out - 0.5``,
+    clamped at 0 (no antialiasing filter when downsizing); ``True`` maps the end pixels onto each
+    other, ``o * (n_in - 1) / (n_out - 1)``.
+    """
+    out = np.arange(n_out, dtype=np.float64)
+    if align_corners:
+        src = out * ((n_in - 1) / (n_out - 1) if n_out > 1 else 0.0)
+    else:
+        src = np.maximum((out + 0.5) * n_in / n_out - 0.5, 0.0)
+    first = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
+    second = np.minimum(first + 1, n_in - 1)
+    return first, second, (src - first).astype(np.float32)
+
+
+def _interpolation_matrix(n_in: int, n_out: int, align_corners: bool) -> np.ndarray:
+    """The (n_out, n_in) matrix of :func:`_linear_taps`' blend."""
+    first, second, weight = _linear_taps(n_in, n_out, align_corners)
     m = np.zeros((n_out, n_in), np.float32)
-    scale = (n_in - 1) / (n_out - 1) if n_out > 1 else 0.0
-    for i in range(n_out):
-        src = i * scale
-        i0 = min(int(np.floor(src)), n_in - 1)
-        i1 = min(i0 + 1, n_in - 1)
-        m[i, i0] += 1 - (src - i0)
-        m[i, i1] += src - i0
+    np.add.at(m, (np.arange(n_out), first), 1.0 - weight)
+    np.add.at(m, (np.arange(n_out), second), weight)
     return m
 
 
-def resize_bilinear(x: jax.Array, size: Sequence[int], align_corners: bool = False) -> jax.Array:
-    """Bilinear resize of axes 1, 2 of [N, H, W, ...] to ``size`` = (h, w).
+def _blend_axis(x: jax.Array, n_out: int, axis: int, align_corners: bool) -> jax.Array:
+    first, second, weight = _linear_taps(x.shape[axis], n_out, align_corners)
+    shape = [1] * x.ndim
+    shape[axis] = n_out
+    weight = jnp.asarray(weight, x.dtype).reshape(shape)
+    return (jnp.take(x, first, axis=axis) * (1 - weight)
+            + jnp.take(x, second, axis=axis) * weight)
 
-    ``align_corners=False`` matches ``F.interpolate(mode="bilinear", align_corners=False)``,
-    including downsizing: no antialiasing filter (jax.image.resize's default would average).
-    """
-    h, w = size
-    if align_corners:
-        rows = jnp.asarray(_align_corners_matrix(x.shape[1], h), x.dtype)
-        cols = jnp.asarray(_align_corners_matrix(x.shape[2], w), x.dtype)
-        return jnp.einsum("ih,jw,nhw...->nij...", rows, cols, x)
-    shape = (x.shape[0], h, w) + tuple(x.shape[3:])
-    return jax.image.resize(x, shape, method="bilinear", antialias=False)
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _resize_bilinear(x: jax.Array, size: tuple[int, int], align_corners: bool) -> jax.Array:
+    # Two gathers per axis: O(output) work, 4x faster on CPU than a product with the dense
+    # (n_out, n_in) interpolation matrices, whose cost grows with n_in * n_out.
+    return _blend_axis(_blend_axis(x, size[0], 1, align_corners), size[1], 2, align_corners)
+
+
+def _resize_bilinear_fwd(x, size, align_corners):
+    return _resize_bilinear(x, size, align_corners), x.shape[1:3]
+
+
+def _resize_bilinear_bwd(size, align_corners, in_size, g):
+    # The gathers' own gradient is a scatter-add, 3x slower on CPU than the transposed products.
+    rows = jnp.asarray(_interpolation_matrix(in_size[0], size[0], align_corners), g.dtype)
+    cols = jnp.asarray(_interpolation_matrix(in_size[1], size[1], align_corners), g.dtype)
+    return (jnp.einsum("ih,jw,nij...->nhw...", rows, cols, g),)
+
+
+_resize_bilinear.defvjp(_resize_bilinear_fwd, _resize_bilinear_bwd)
+
+
+def resize_bilinear(x: jax.Array, size: Sequence[int], align_corners: bool = False) -> jax.Array:
+    """Bilinear resize of axes 1, 2 of [N, H, W, ...] to ``size`` = (h, w), as PyTorch's
+    ``F.interpolate(mode="bilinear", align_corners=...)`` does, including downsizing (no
+    antialiasing filter, where jax.image.resize's default would average)."""
+    return _resize_bilinear(x, (int(size[0]), int(size[1])), bool(align_corners))
 
 
 def resize_nearest(x: jax.Array, size: Sequence[int], half_pixel: bool = False) -> jax.Array:

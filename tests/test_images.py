@@ -35,6 +35,22 @@ def test_resize_bilinear_matches_pytorch(src, dst, align_corners):
                                atol=1e-5)
 
 
+@pytest.mark.parametrize("src,dst", SIZES)
+@pytest.mark.parametrize("align_corners", [False, True])
+def test_resize_bilinear_gradient_matches_pytorch(src, dst, align_corners):
+    """The resize has its own backward pass (transposed interpolation matrices, where the forward
+    pass gathers): its input gradient is PyTorch's."""
+    x = np.asarray(jax.random.normal(jax.random.key(0), (2, *src, 3)))
+    g = np.asarray(jax.random.normal(jax.random.key(1), (2, *dst, 3)))
+    t = torch.from_numpy(np.array(np.moveaxis(x, -1, 1))).requires_grad_()
+    out = F.interpolate(t, size=tuple(dst), mode="bilinear", align_corners=align_corners)
+    (out * torch.from_numpy(np.array(np.moveaxis(g, -1, 1)))).sum().backward()
+    want = np.moveaxis(t.grad.numpy(), 1, -1)
+    loss = lambda x: jnp.sum(images.resize_bilinear(x, dst, align_corners) * g)
+    np.testing.assert_allclose(np.asarray(jax.jit(jax.grad(loss))(jnp.asarray(x))), want,
+                               atol=1e-5)
+
+
 def test_resize_bilinear_conventions_differ_and_take_channelless_maps():
     x = jax.random.normal(jax.random.key(1), (1, 4, 6))  # [N, H, W]: a probability map
     a = images.resize_bilinear(x, (8, 12))
