@@ -66,6 +66,11 @@ def run_seed(seed: int, args) -> dict:
     return record
 
 
+# Each component against the stage it is added to (Tables 1 and 2), and the whole recipe.
+COMPARISONS = [("source_aug", "source"), ("adv", "source_aug"), ("fda_b001", "adv"),
+               ("fda_b005", "adv"), ("mbt", "fda_b001"), ("ssl", "fda_b001"), ("ssl", "source")]
+
+
 def _mean(values: list[float]) -> str:
     return runs.mean_std(values) if values else "-"
 
@@ -86,17 +91,19 @@ def report(records: list[dict]) -> str:
                      f"{'' if stage == 'source_aug' else runs.mean_std(gain)} |")
     wall = runs.mean_wall(records) + " (per seed: " + " / ".join(
         "resumed" if r["wall_s"] is None else f"{r['wall_s']:.0f} s" for r in records) + ")"
-    columns = {stage: [{"scores": r["scores"][stage]} for r in records]
-               for stage in (*STAGES, "oracle")}
+    by_stage = {stage: [{"seed": r["seed"], "scores": r["scores"][stage]} for r in records]
+                for stage in (*STAGES, "oracle")}
     made_by = sorted({r["provenance"] for r in records})
     return ("Real-time DA on the minicity demo (configs/realtime_da.py:demo; mIoU over 19 "
             "classes, last step of each stage)\n"
             + "".join(f"runs made with: {p}\n" for p in made_by) + "\n" + "\n".join(lines)
+            + "\n\nPaired differences on real_val (same seed):\n\n"
+            + runs.paired_table(by_stage, COMPARISONS)
             + f"\n\nWall time of the whole recipe (7 stages scored, oracle not included): {wall}\n"
             + "\nMBT's pseudo-labels of real_train against its labels (mean over seeds):\n\n"
             + runs.pseudo_table([r["pseudo"] for r in records])
             + "\n\nPer-class IoU (%) on real_val, mean over seeds:\n\n"
-            + runs.per_class_table(columns) + "\n")
+            + runs.per_class_table(by_stage) + "\n")
 
 
 def main():

@@ -43,6 +43,12 @@ ROWS = {
 }
 
 
+# Paired differences the paper's questions turn on: does each module help over NonAdapt, and are
+# the two complementary (ROAD against each module alone)?
+COMPARISONS = [(row, "nonadapt") for row in ROWS if row != "nonadapt"] + [
+    ("road_3x3", "dist"), ("road_3x3", "spt_3x3"), ("dist", "source_dist")]
+
+
 def frozen_prefixes(config) -> str:
     """The stem and every block of layer1 of the config's ResNet ("the first few layers").
 
@@ -88,7 +94,9 @@ def main():
         f"{row}_seed{seed}": functools.partial(run_one, row, seed, args)
         for row in rows for seed in seeds})
     text = ("ROAD ablations on the minicity demo (configs/road.py:demo; mIoU over 19 classes on "
-            "minicity real_val, last step)\n\n" + table(records) + "\n\nPer-class IoU (%) on "
+            "minicity real_val, last step)\n\n" + table(records)
+            + "\n\nPaired differences on real_val (same seed):\n\n"
+            + runs.paired_table(runs.by_row(records), COMPARISONS) + "\n\nPer-class IoU (%) on "
             "real_val, mean over seeds:\n\n" + runs.per_class_table(runs.by_row(records)) + "\n")
     runs.write_report(args.workdir, "road_ablation.md", text)
 

@@ -186,6 +186,30 @@ def score_cells(rs: list[dict]) -> str:
             f"{mean_wall(rs)}")
 
 
+def paired_table(rows: dict[str, list[dict]], comparisons: list[tuple[str, str]],
+                 split: str = REAL) -> str:
+    """Markdown table of paired differences ``a - b`` of `split` mIoU over the seeds both rows
+    share (same seed: same init, data order and augmentation): mean ± std, per seed, and the
+    paired t on n - 1 degrees of freedom. Comparisons missing a row are left out."""
+    lines = ["| comparison | seeds | difference (mean ± std) | per seed | t |",
+             "|---|---|---:|---|---:|"]
+    for a, b in comparisons:
+        if a not in rows or b not in rows:
+            continue
+        other = {r["seed"]: r["scores"][split]["miou"] for r in rows[b]}
+        pairs = [(r["seed"], r["scores"][split]["miou"] - other[r["seed"]])
+                 for r in rows[a] if r["seed"] in other]
+        diffs = [d for _, d in pairs]
+        if not diffs:
+            continue
+        std = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
+        t = (f"{statistics.mean(diffs) / (std / len(diffs) ** 0.5):.1f}"
+             if len(diffs) > 1 and std > 0 else "-")
+        lines.append(f"| {a} - {b} | {','.join(str(s) for s, _ in pairs)} | "
+                     f"{mean_std(diffs)} | {' / '.join(f'{d:+.2f}' for d in diffs)} | {t} |")
+    return "\n".join(lines)
+
+
 def by_row(records: list[dict]) -> dict[str, list[dict]]:
     rows: dict[str, list[dict]] = {}
     for r in records:

@@ -51,6 +51,13 @@ ROWS = {
 SAME_RUN = {"lambda_1.5": "both"}  # identical configs share one run
 
 
+# Table 2's questions (does each module help, do they add up?) and Table 3's (lambda against
+# the paper's 1.5), each a paired difference on the same seeds.
+COMPARISONS = [("tsg", "baseline"), ("ssi", "baseline"), ("both", "baseline"), ("both", "tsg"),
+               ("both", "ssi")] + [(row, "both") for row in ROWS
+                                   if row.startswith("lambda_") and row not in SAME_RUN]
+
+
 def config_for(row: str, seed: int, data_dir: str, overrides: str):
     parts = ["demo", f"seed={seed}", ROWS[row][5]]
     if data_dir:
@@ -86,6 +93,10 @@ def main():
     by_row = runs.by_row(records)
     text = ("TSG / SSI ablations on the minicity demo (configs/tsg_ssi.py:demo, from scratch; "
             "mIoU over 19 classes, last step)\n\n" + table(records)
+            + "\n\nPaired differences on real_val (same seed):\n\n"
+            + runs.paired_table(by_row, COMPARISONS)
+            + "\n\nPaired differences on sim_topdown (same seed):\n\n"
+            + runs.paired_table(by_row, COMPARISONS, TOPDOWN)
             + "\n\nPer-class IoU (%) on real_val, mean over seeds:\n\n"
             + runs.per_class_table(by_row)
             + "\n\nPer-class IoU (%) on sim_topdown (never trained on), mean over seeds:\n\n"
