@@ -310,6 +310,21 @@ def test_bn_rejects_bad_mode_and_name():
         layers.batch_norm("train", True, name="norm")
 
 
+def _assert_same_as_nn_conv(ours, ref, x, use_bias, grad_tol):
+    """layers.Conv `ours` against nn.Conv `ref`: same parameter tree and initial kernel, same
+    outputs, same gradients (parameters and input) to `grad_tol`."""
+    params = ref.init(jax.random.key(1), x)
+    ours_init = ours.init(jax.random.key(1), x)
+    assert jax.tree.map(jnp.shape, ours_init) == jax.tree.map(jnp.shape, params)
+    np.testing.assert_array_equal(ours_init["params"]["kernel"], params["params"]["kernel"])
+    if use_bias:
+        params = jax.tree.map(lambda p: p + 0.3, params)
+    np.testing.assert_allclose(ours.apply(params, x), ref.apply(params, x), rtol=1e-5, atol=1e-5)
+    grad = lambda m: jax.grad(lambda p, x: jnp.sum(jnp.sin(m.apply(p, x))), argnums=(0, 1))
+    for a, b in zip(jax.tree.leaves(grad(ours)(params, x)), jax.tree.leaves(grad(ref)(params, x))):
+        np.testing.assert_allclose(a, b, rtol=grad_tol, atol=grad_tol)
+
+
 @pytest.mark.parametrize("strides,padding,use_bias", [(1, "SAME", True), (2, [(0, 0), (0, 0)], False),
                                                       (1, "VALID", False)])
 def test_pointwise_conv_matmul_equals_nn_conv(strides, padding, use_bias):
@@ -319,17 +334,7 @@ def test_pointwise_conv_matmul_equals_nn_conv(strides, padding, use_bias):
     x = _images(3, n=2, size=9, c=5)
     ours = layers.Conv(7, (1, 1), strides=strides, padding=padding, use_bias=use_bias)
     ref = nn.Conv(7, (1, 1), strides=strides, padding=padding, use_bias=use_bias)
-    params = ref.init(jax.random.key(1), x)
-    assert jax.tree.map(jnp.shape, ours.init(jax.random.key(1), x)) == jax.tree.map(jnp.shape,
-                                                                                    params)
-    np.testing.assert_array_equal(ours.init(jax.random.key(1), x)["params"]["kernel"],
-                                  params["params"]["kernel"])
-    if use_bias:
-        params = jax.tree.map(lambda p: p + 0.3, params)
-    np.testing.assert_allclose(ours.apply(params, x), ref.apply(params, x), rtol=1e-5, atol=1e-5)
-    grad = lambda m: jax.grad(lambda p, x: jnp.sum(jnp.sin(m.apply(p, x))), argnums=(0, 1))
-    for a, b in zip(jax.tree.leaves(grad(ours)(params, x)), jax.tree.leaves(grad(ref)(params, x))):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    _assert_same_as_nn_conv(ours, ref, x, use_bias, grad_tol=1e-5)
     # Anything that is not a plain 1x1 goes to nn.Conv unchanged.
     three = layers.Conv(7, (3, 3), padding=[(1, 1), (1, 1)])
     assert not three._is_pointwise() and three.init(jax.random.key(0), x)["params"]["kernel"].shape == (3, 3, 5, 7)
@@ -352,15 +357,6 @@ def test_depthwise_conv_equals_nn_conv(kernel, strides, padding, dilation, use_b
     ours = layers.Conv(6, kernel, **kwargs)
     ref = nn.Conv(6, kernel, **kwargs)
     assert ours._is_depthwise(6)
-    params = ref.init(jax.random.key(1), x)
-    ours_init = ours.init(jax.random.key(1), x)
-    assert jax.tree.map(jnp.shape, ours_init) == jax.tree.map(jnp.shape, params)
-    np.testing.assert_array_equal(ours_init["params"]["kernel"], params["params"]["kernel"])
-    if use_bias:
-        params = jax.tree.map(lambda p: p + 0.3, params)
-    np.testing.assert_allclose(ours.apply(params, x), ref.apply(params, x), rtol=1e-5, atol=1e-5)
-    grad = lambda m: jax.grad(lambda p, x: jnp.sum(jnp.sin(m.apply(p, x))), argnums=(0, 1))
-    for a, b in zip(jax.tree.leaves(grad(ours)(params, x)), jax.tree.leaves(grad(ref)(params, x))):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+    _assert_same_as_nn_conv(ours, ref, x, use_bias, grad_tol=1e-4)
     # Other groupings (two channels per group) are nn.Conv's.
     assert not layers.Conv(6, kernel, **dict(kwargs, feature_group_count=3))._is_depthwise(6)
