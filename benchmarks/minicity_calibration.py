@@ -12,12 +12,14 @@ Every run goes through the recipe (the code path of `python -m synseg_jax.main`)
 build and the demo pretraining (one for every run) are timed on their own before any run starts.
 
 Finished runs leave `result.json` in their workdir and are skipped when the command is run
-again. Prints the tables and writes them to <workdir>/calibration.md.
+again; with --archive=benchmarks/results/calibration.json their records are also kept there (and
+not rerun) across sessions, whose workdirs do not survive. Prints the tables and writes them to <workdir>/calibration.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import statistics
@@ -60,6 +62,7 @@ def main():
     parser.add_argument("--knob_seeds", default="0", help="seeds of the no_<knob> rows")
     parser.add_argument("--data_dir", default="", help="TFDS data dir (default <workdir>/tfds)")
     parser.add_argument("--overrides", default="", help="extra key=value,... for every run")
+    runs.add_archive_flag(parser)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     rows = [r for r in args.rows.split(",") if r]
@@ -89,9 +92,11 @@ def main():
     for row in {row for row, _ in jobs if row.startswith("no_")}:
         build(config_for(row, knob_seeds[0], data_dir, args.overrides))
 
-    records = [runs.run_once(config_for(row, seed, data_dir, args.overrides),
-                             os.path.join(workdir, f"{row}_seed{seed}"), {"row": row, "seed": seed})
-               for row, seed in jobs]
+    records = runs.archived_records(args.archive, {
+        f"{row}_seed{seed}": functools.partial(
+            runs.run_once, config_for(row, seed, data_dir, args.overrides),
+            os.path.join(workdir, f"{row}_seed{seed}"), {"row": row, "seed": seed})
+        for row, seed in jobs})
     text = report(records, timings)
     with open(os.path.join(workdir, "calibration.md"), "w") as f:
         f.write(text)

@@ -53,7 +53,7 @@ def recipe_args(description: str) -> argparse.Namespace:
     parser.add_argument("--data_dir", default="", help="TFDS data dir (default <workdir>/tfds)")
     parser.add_argument("--pretrain_workdir", default="", help="a demo pretraining to reuse")
     parser.add_argument("--overrides", default="", help="extra key=value,... for every run")
-    _archive_flag(parser)
+    add_archive_flag(parser)
     args = parser.parse_args()
     args.workdir = os.path.abspath(args.workdir)
     args.data_dir = os.path.abspath(args.data_dir or os.path.join(args.workdir, "tfds"))
@@ -62,7 +62,7 @@ def recipe_args(description: str) -> argparse.Namespace:
     return args
 
 
-def _archive_flag(parser: argparse.ArgumentParser) -> None:
+def add_archive_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--archive", default="", type=lambda p: os.path.abspath(p) if p else "",
                         help="a JSON file of finished runs' records (benchmarks/results/<table>"
                              ".json): runs found there are not rerun, new ones are added")
@@ -138,7 +138,7 @@ def ablation_args(description: str, rows: dict) -> tuple[argparse.Namespace, lis
     parser.add_argument("--data_dir", default="", help="TFDS data dir (default: config's)")
     parser.add_argument("--overrides", default="",
                         help="extra key=value,... for every run (e.g. train.steps=4)")
-    _archive_flag(parser)
+    add_archive_flag(parser)
     args = parser.parse_args()
     chosen = [r for r in args.rows.split(",") if r]
     unknown = [r for r in chosen if r not in rows]
