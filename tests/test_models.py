@@ -325,15 +325,19 @@ def _assert_same_as_nn_conv(ours, ref, x, use_bias, grad_tol):
         np.testing.assert_allclose(a, b, rtol=grad_tol, atol=grad_tol)
 
 
-@pytest.mark.parametrize("strides,padding,use_bias", [(1, "SAME", True), (2, [(0, 0), (0, 0)], False),
-                                                      (1, "VALID", False)])
-def test_pointwise_conv_matmul_equals_nn_conv(strides, padding, use_bias):
-    """layers.Conv computes 1x1 kernels as a matmul: same parameters (names, shapes, init), same
-    outputs and gradients as nn.Conv, strided too."""
+@pytest.mark.parametrize("strides,padding,use_bias,as_matmul", [
+    (1, "SAME", True, True), (2, [(0, 0), (0, 0)], False, True), (1, "VALID", False, True),
+    (1, 0, False, True), (2, (0, 0), True, True),  # nn.Conv's int and per-axis int forms
+    (1, 1, True, False), (2, (1, 0), False, False),  # padded: nn.Conv's own path
+])
+def test_pointwise_conv_matmul_equals_nn_conv(strides, padding, use_bias, as_matmul):
+    """layers.Conv computes unpadded 1x1 kernels as a matmul: same parameters (names, shapes,
+    init), same outputs and gradients as nn.Conv, strided too, for every padding form."""
     import flax.linen as nn
     x = _images(3, n=2, size=9, c=5)
     ours = layers.Conv(7, (1, 1), strides=strides, padding=padding, use_bias=use_bias)
     ref = nn.Conv(7, (1, 1), strides=strides, padding=padding, use_bias=use_bias)
+    assert ours._is_pointwise() == as_matmul
     _assert_same_as_nn_conv(ours, ref, x, use_bias, grad_tol=1e-5)
     # Anything that is not a plain 1x1 goes to nn.Conv unchanged.
     three = layers.Conv(7, (3, 3), padding=[(1, 1), (1, 1)])

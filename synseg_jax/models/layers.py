@@ -132,7 +132,7 @@ class Conv(nn.Conv):
         # A 1x1 window needs no padding: "SAME" pads nothing at stride 1.
         same_unpadded = padding == "SAME" and _pair(self.strides) == (1, 1)
         no_padding = padding == "VALID" or same_unpadded or (
-            not isinstance(padding, str) and all(tuple(p) == (0, 0) for p in padding))
+            not isinstance(padding, str) and all(p == (0, 0) for p in _padding_pairs(padding)))
         return (_pair(self.kernel_size) == (1, 1) and self.feature_group_count == 1 and no_padding
                 and _pair(self.input_dilation) == (1, 1) and self.mask is None)
 
@@ -172,6 +172,11 @@ def _explicit_padding(padding, spatial, kernel, strides, dilation) -> list[tuple
     if isinstance(padding, str):
         dilated = [(k - 1) * d + 1 for k, d in zip(kernel, dilation)]
         return [tuple(p) for p in jax.lax.padtype_to_pads(spatial, dilated, strides, padding)]
+    return _padding_pairs(padding)
+
+
+def _padding_pairs(padding: int | Sequence[int | Sequence[int]]) -> list[tuple[int, int]]:
+    """nn.Conv's numeric padding forms (an int, or per-axis ints / pairs) as ``[(lo, hi), ...]``."""
     if isinstance(padding, int):
         return [(padding, padding)] * 2
     return [(p, p) if isinstance(p, int) else tuple(p) for p in padding]
